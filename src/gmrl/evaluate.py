@@ -15,9 +15,12 @@ from gmrl.errors import require
 
 
 def problem_set(seed: int, cfg: mg.MetaGradConfig, num_mdps: int = 10, num_states: int = 20,
-                num_actions: int = 5, gamma: float = 0.8, mdp: tabular.TabularMDP | None = None):
+                num_actions: int = 5, gamma: float = 0.8, mdp: tabular.TabularMDP | None = None,
+                theta0="zeros"):
     """Random reference MDPs (or the user's `mdp`, M = 1) and their φ, in float64.
 
+    `theta0`: MAML's θ_0 = φ — "zeros" (the reference study's uniform policy), "normal" (N(0, 1)
+    per MDP from `seed`) or an [S, A] table (see `metagrad.initial_meta_params`).
     Returns (mdps stacked [M], phis [M, S, A]); deterministic in `seed`.
     """
     with jax.enable_x64(True):
@@ -28,7 +31,7 @@ def problem_set(seed: int, cfg: mg.MetaGradConfig, num_mdps: int = 10, num_state
         else:
             mdps = jax.tree.map(lambda x: jax.numpy.asarray(x)[None], mdp)  # float64 here
         count = mdps.R.shape[0]
-        phis = jax.vmap(lambda k, m: mg.initial_meta_params(k, m, cfg.problem))(
+        phis = jax.vmap(lambda k, m: mg.initial_meta_params(k, m, cfg.problem, theta0))(
             jax.random.split(key_phi, count), mdps)
     return mdps, phis
 

@@ -1,18 +1,24 @@
-"""Exact and decomposed stochastic K-step meta-gradients for tabular MDPs (DESIGN §2, §5).
+"""Exact and decomposed stochastic K-step meta-gradients for tabular MDPs (docs/design.md).
 
 Problems (θ: policy logits [S, A]; φ: meta-parameters [S, A]):
   maml   θ_0 = φ;              J_in = J_out = J (reward R)
   lirpg  θ_0 = 0 (fixed);      J_in uses reward R + φ (intrinsic reward); J_out uses R
 Inner update θ_{k+1} = θ_k + α ∇_θ J_in(θ_k); meta-gradient d/dφ J_out(θ_K(φ)).
 
-The decomposed estimate (Tang et al. 2022 / DESIGN §5) uses three independent ingredients, each an
-(estimator, sample size) pair: `inner` moves θ forward (no derivative), `hessian` supplies the
-Jacobian of each step through `straight_through`, `outer` is the final objective at θ̂_K.
+The decomposed estimate (Liu, Feng et al. 2022, "A Theoretical Understanding of Gradient Bias in
+Meta-Reinforcement Learning", §4) uses three independent ingredients, each an (estimator, sample
+size) pair: `inner` moves θ forward (no derivative), `hessian` supplies the Jacobian of each step
+through `straight_through`, `outer` is the final objective at θ̂_K.
+
+α, the number of active steps K and the injected Hessian error c may be traced (`Hyper`): the
+static `MetaGradConfig.steps` is then the loop length K_max and steps k >= K are skipped with
+`lax.cond`, so that one compiled program serves a whole sweep over α, K ≤ K_max and c.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -140,12 +146,66 @@ def _require_int(value, what: str, minimum: int) -> None:
             f"{what} must be an integer >= {minimum}, got {value!r}")
 
 
-def initial_meta_params(key: Array, mdp: tabular.TabularMDP, problem: str) -> Array:
-    """φ at which the meta-gradient is taken: maml θ_0 ~ N(0, 1); lirpg zero intrinsic reward."""
-    shape = mdp.R.shape
-    if problem == "maml":
-        return jax.random.normal(key, shape, mdp.R.dtype)
-    return jnp.zeros(shape, mdp.R.dtype)
+THETA0_CHOICES = ("zeros", "normal")
+"""θ0 of MAML's inner loop: `zeros` (the uniform policy, as in the reference study) or `normal`
+(N(0, 1) per MDP from the seed); a user's [S, A] table is the third choice (`tabular.load_theta`)."""
+
+
+def initial_meta_params(key: Array, mdp: tabular.TabularMDP, problem: str,
+                        theta0: str | Array = "zeros") -> Array:
+    """φ at which the meta-gradient is taken. [S, A].
+
+    maml: φ = θ_0, which is `theta0`: "zeros", "normal" (N(0, 1) drawn from `key`) or an [S, A]
+    table. lirpg: φ = 0 (no intrinsic reward); its inner loop always starts at θ_0 = 0, so any
+    `theta0` other than "zeros" is refused.
+    """
+    shape, dtype = mdp.R.shape, mdp.R.dtype
+    if isinstance(theta0, str):
+        require(theta0 in THETA0_CHOICES,
+                f"unknown theta0 {theta0!r}; allowed: {', '.join(THETA0_CHOICES)} or an [S, A] table")
+    if problem == "lirpg":
+        require(isinstance(theta0, str) and theta0 == "zeros",
+                "LIRPG's inner loop starts at θ0 = 0 (φ is the intrinsic reward); theta0 must be 'zeros'")
+        return jnp.zeros(shape, dtype)
+    if isinstance(theta0, str):
+        return jax.random.normal(key, shape, dtype) if theta0 == "normal" else jnp.zeros(shape, dtype)
+    theta0 = jnp.asarray(theta0, dtype)
+    require(theta0.shape == shape, f"theta0 must have shape [S, A] = {shape}, got {theta0.shape}")
+    return theta0
+
+
+class Hyper(NamedTuple):
+    """Per-point hyper-parameters that may be traced: α, active steps K (≤ cfg.steps), error c."""
+
+    lr: Array | float
+    steps: Array | int
+    hessian_error: Array | float
+
+
+def config_hyper(cfg: MetaGradConfig) -> Hyper:
+    """The configuration's own α, K and c as a `Hyper`."""
+    return Hyper(cfg.lr, cfg.steps, cfg.hessian_error)
+
+
+def step_keys(key: Array, num_steps: int) -> tuple[Array, Array]:
+    """(keys of steps 0..num_steps-1 [num_steps], key of the outer ingredient).
+
+    Step k's key is fold_in(·, k), so it does not depend on num_steps (the loop length K_max).
+    """
+    key_steps, key_outer = jax.random.split(key)
+    return jax.vmap(lambda k: jax.random.fold_in(key_steps, k))(jnp.arange(num_steps)), key_outer
+
+
+def masked_scan(step, theta: Array, xs, active_steps) -> Array:
+    """θ after applying `step(θ, x)` for the first `active_steps` of the xs (lax.cond skips the rest)."""
+    def body(carry, inputs):
+        k, x = inputs
+        theta = lax.cond(k < active_steps, step, lambda th, _: th, carry, x)
+        return theta, None
+
+    length = jax.tree.leaves(xs)[0].shape[0]
+    theta, _ = lax.scan(body, theta, (jnp.arange(length), xs))
+    return theta
 
 
 def initial_theta(cfg: MetaGradConfig, phi: Array) -> Array:
@@ -226,39 +286,48 @@ def ingredient_objective(key: Array, cfg: MetaGradConfig, ingredient: Ingredient
 
 
 def exact_meta_gradient(cfg: MetaGradConfig, mdp: tabular.TabularMDP, phi: Array,
-                        estimator: str = "exact") -> Array:
+                        estimator: str = "exact", hyper: Hyper | None = None) -> Array:
     """d/dφ J_out(θ_K(φ)) with exact inner steps, by autodiff through K steps. [S, A] -> [S, A].
 
-    `estimator` picks the finite oracle's bootstrap (ignored for the infinite oracle).
+    `estimator` picks the finite oracle's bootstrap (ignored for the infinite oracle); `hyper`
+    (optional, traced) replaces α, K ≤ cfg.steps.
     """
+    lr, steps, _ = config_hyper(cfg) if hyper is None else hyper
     inner_grad = jax.grad(lambda th, r: exact_objective(cfg, mdp, th, r, estimator))
 
     def outer(phi):
         reward = inner_reward(cfg, mdp, phi)
-        theta, _ = lax.scan(lambda th, _: (th + cfg.lr * inner_grad(th, reward), None),
-                            initial_theta(cfg, phi), None, length=cfg.steps)
+        theta = masked_scan(lambda th, _: th + lr * inner_grad(th, reward), initial_theta(cfg, phi),
+                            jnp.zeros(cfg.steps), steps)
         return exact_objective(cfg, mdp, theta, mdp.R, estimator)
 
     return jax.grad(outer)(phi)
 
 
 def estimate_meta_gradient(key: Array, cfg: MetaGradConfig, mdp: tabular.TabularMDP,
-                           phi: Array, counts: Array | None = None) -> Array:
-    """One decomposed stochastic meta-gradient estimate (DESIGN §5). [S, A] -> [S, A].
+                           phi: Array, counts: Array | None = None,
+                           hyper: Hyper | None = None) -> Array:
+    """One decomposed stochastic meta-gradient estimate (Liu, Feng et al. 2022, §4). [S, A] -> [S, A].
 
     θ̂_{k+1} = straight_through(θ̂_k + α ĝ_k, θ̂_k + α ∇L_H(θ̂_k)), ĝ_k = ∇L_in(sg θ̂_k); then
-    d/dφ L_out(θ̂_K). Every ingredient samples from π_{θ̂_k} with its own key.
+    d/dφ L_out(θ̂_K). Every ingredient samples from π_{θ̂_k} with its own key (`step_keys`).
     `counts` [3] (traced ints, optional): the trajectories actually used by inner, hessian and
     outer, each at most the ingredient's `samples` (its padded capacity); 0 means exact.
+    `hyper` (optional, traced): α, active steps K ≤ cfg.steps and the injected error c. When
+    cfg.hessian_error ≠ 0, mean(θ² ⊙ E), E = c + 0.3·N(0, 1) (E = 0 where c = 0), is added to the
+    Hessian ingredient's objective (the reference study's injected Hessian error).
     """
     if counts is None:
         counts = (None, None, None)
+    lr, steps, error_scale = config_hyper(cfg) if hyper is None else hyper
+    with_error = bool(cfg.hessian_error)  # static: the term exists; its scale c may be traced
 
     def hessian_objective(step_key, theta, reward):
         key_h, key_e = jax.random.split(step_key)
         value = ingredient_objective(key_h, cfg, cfg.hessian, mdp, theta, reward, counts[1])
-        if cfg.hessian_error:
-            error = cfg.hessian_error + 0.3 * jax.random.normal(key_e, theta.shape, theta.dtype)
+        if with_error:
+            noise = jax.random.normal(key_e, theta.shape, theta.dtype)
+            error = jnp.where(error_scale != 0, error_scale + 0.3 * noise, 0.0)
             value = value + jnp.mean(theta**2 * error)
         return value
 
@@ -267,33 +336,36 @@ def estimate_meta_gradient(key: Array, cfg: MetaGradConfig, mdp: tabular.Tabular
 
     def outer(phi, key):
         reward = inner_reward(cfg, mdp, phi)
-        step_keys = jax.random.split(key, cfg.steps + 1)
+        keys, key_outer = step_keys(key, cfg.steps)
 
         def step(theta, step_key):
             key_in, key_h = jax.random.split(step_key)
             g_in = jax.grad(inner_objective, argnums=1)(
                 key_in, lax.stop_gradient(theta), lax.stop_gradient(reward))
             g_h = jax.grad(hessian_objective, argnums=1)(key_h, theta, reward)
-            return straight_through(theta + cfg.lr * g_in, theta + cfg.lr * g_h), None
+            return straight_through(theta + lr * g_in, theta + lr * g_h)
 
-        theta, _ = lax.scan(step, initial_theta(cfg, phi), step_keys[:-1])
-        return ingredient_objective(step_keys[-1], cfg, cfg.outer, mdp, theta, mdp.R, counts[2])
+        theta = masked_scan(step, initial_theta(cfg, phi), keys, steps)
+        return ingredient_objective(key_outer, cfg, cfg.outer, mdp, theta, mdp.R, counts[2])
 
     return jax.grad(outer)(phi, key)
 
 
 def batched_estimates(cfg: MetaGradConfig):
-    """A jitted f(keys [M, R], mdps (stacked M), phis [M, S, A], counts=None) -> [M, R, S, A].
+    """A jitted f(keys [M, R], mdps (stacked M), phis [M, S, A], counts=None, hyper=None) -> [M, R, S, A].
 
-    `counts` [3] (optional, shared by all): the first counts[i] of each ingredient's `samples`
-    trajectories (0: exact), so sweeps over sample sizes and codes compile once.
+    `counts` [3] and `hyper` (optional, shared by all MDPs and repeats): the first counts[i] of each
+    ingredient's `samples` trajectories (0: exact) and traced α, K, c, so sweeps over sample sizes,
+    codes, learning rates, steps ≤ cfg.steps and injected errors compile once.
     """
-    per_mdp = jax.vmap(lambda key, mdp, phi, counts: estimate_meta_gradient(key, cfg, mdp, phi, counts),
-                       in_axes=(0, None, None, None))
-    batched = jax.jit(jax.vmap(per_mdp, in_axes=(0, 0, 0, None)))
-    return lambda keys, mdps, phis, counts=None: batched(keys, mdps, phis, counts)
+    per_mdp = jax.vmap(lambda key, mdp, phi, counts, h: estimate_meta_gradient(key, cfg, mdp, phi, counts, h),
+                       in_axes=(0, None, None, None, None))
+    batched = jax.jit(jax.vmap(per_mdp, in_axes=(0, 0, 0, None, None)))
+    return lambda keys, mdps, phis, counts=None, hyper=None: batched(keys, mdps, phis, counts, hyper)
 
 
 def batched_exact(cfg: MetaGradConfig, estimator: str = "exact"):
-    """A jitted f(mdps (stacked M), phis [M, S, A]) -> exact meta-gradients [M, S, A]."""
-    return jax.jit(jax.vmap(lambda mdp, phi: exact_meta_gradient(cfg, mdp, phi, estimator)))
+    """A jitted f(mdps (stacked M), phis [M, S, A], hyper=None) -> exact meta-gradients [M, S, A]."""
+    batched = jax.jit(jax.vmap(lambda mdp, phi, h: exact_meta_gradient(cfg, mdp, phi, estimator, h),
+                               in_axes=(0, 0, None)))
+    return lambda mdps, phis, hyper=None: batched(mdps, phis, hyper)

@@ -2,7 +2,8 @@
 
 Shapes: `estimates` is [R, d] (R repeated estimates of a d-dimensional gradient) or [M, R, d] for M
 MDPs; `truth` is [d] or [M, d]. All figures are computed in float64 with numpy.
-The first three are the reference study's (Tang et al. 2022, §5): corr ("angular accuracy"),
+The first three are the reference study's (Liu, Feng et al. 2022, "A Theoretical Understanding of
+Gradient Bias in Meta-Reinforcement Learning", §5): corr ("angular accuracy"),
 std_sum ("variance") and mse_of_mean ("bias", which still contains Var/R). bias2 is the unbiased
 estimate of the squared bias per coordinate, ‖E ĝ − g*‖²/d, with a jackknife standard error.
 """
@@ -41,8 +42,8 @@ def corr(estimates, truth) -> np.ndarray:
 
 
 def std_sum(estimates, truth=None) -> np.ndarray:
-    """Σ_coords std_r(ĝ) (population std, ddof = 0, as in the reference code). [...]"""
-    return np.asarray(estimates, np.float64).std(axis=-2).sum(-1)
+    """Σ_coords std_r(ĝ) with the ddof = 1 standard deviation (the reference code's `torch.std`). [...]"""
+    return np.asarray(estimates, np.float64).std(axis=-2, ddof=1).sum(-1)
 
 
 def mse_of_mean(estimates, truth) -> np.ndarray:

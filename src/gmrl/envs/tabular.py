@@ -117,6 +117,23 @@ def load_mdp(path: str | os.PathLike) -> TabularMDP:
     return make_mdp(data["P"], data["R"], data["gamma"].item(), init_state)
 
 
+def load_theta(path: str | os.PathLike, num_states: int, num_actions: int) -> np.ndarray:
+    """Load a policy-logit table θ0 [S, A] from `.npy` (float64), validated: shape and finite."""
+    name = os.fspath(path)
+    require(os.path.isfile(path), f"theta0 file {name!r} does not exist")
+    try:
+        theta = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read theta0 file {name!r} as .npy: {err}") from None
+    require(isinstance(theta, np.ndarray) and theta.dtype.kind in "biuf",
+            f"theta0 file {name!r} must hold one numeric .npy array [S, A]")
+    require(theta.shape == (num_states, num_actions),
+            f"theta0 in {name!r} must have shape [S, A] = ({num_states}, {num_actions}), got {theta.shape}")
+    theta = theta.astype(np.float64)
+    require(bool(np.all(np.isfinite(theta))), f"theta0 in {name!r} contains NaN or infinity")
+    return theta
+
+
 def save_mdp(path: str | os.PathLike, mdp: TabularMDP) -> None:
     """Save one (unstacked) MDP as `.npz` with keys P, R, gamma, init_state."""
     np.savez(path, P=np.asarray(mdp.P), R=np.asarray(mdp.R), gamma=np.asarray(mdp.gamma),

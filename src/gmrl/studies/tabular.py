@@ -1,18 +1,21 @@
-"""The reference tabular studies (Tang et al. 2022, §5) as data, and the functions that compute them.
+"""The reference tabular studies (Liu, Feng et al. 2022, §5) as data, and the functions that compute them.
 
 A study is a list of grids (`study_grids(name, quick, oracle, seed)`); a point is a plain JSON config:
 
   estimator  the surrogate every ingredient uses (dice, loaded, lvc, maml; `exact` for hessian-bias)
-  code       inner-hessian-outer letters (DESIGN §5): e = exact expectation of that estimator,
-             l = `samples` sampled trajectories
+  code       inner-hessian-outer letters (docs/design.md): e = exact expectation of that
+             estimator, l = `samples` sampled trajectories
   samples    trajectories per sampled ingredient; capacity: the padded size compiled for it
-  steps K, lr α, problem (maml | lirpg), oracle (infinite | finite), hessian_error c, gae_lambda λ,
+  steps K ≤ max_steps (the compiled loop length), lr α, problem (maml | lirpg), oracle (infinite |
+  finite), hessian_error c, gae_lambda λ, theta0 (zeros | normal | an [S, A] table as nested lists),
   mdps M, repeats R, states S, actions A, gamma γ, horizon T, noise, seed
 
 `batch_points(configs)` computes a group of points that share one compiled program (all fields but
-`samples`), `compute_point(config)` one point; both are module-level so Ray workers can import them.
-Every point's random numbers depend only on its own config (the sample size selects the first
-`samples` of `capacity` trajectories), so the numbers do not depend on grouping or backend.
+`samples`, `code`, `lr`, `steps` and the value of `hessian_error`, which are traced),
+`compute_point(config)` one point; both are module-level so Ray workers can import them. Every
+point's random numbers depend only on its own config (the sample size selects the first `samples`
+of `capacity` trajectories; step k's key does not depend on max_steps), so the numbers do not
+depend on grouping or backend.
 """
 
 from __future__ import annotations
@@ -61,14 +64,23 @@ def base_config(name: str, quick: bool, oracle: str, seed: int) -> dict[str, Any
     return {"study": name, "problem": "maml", "estimator": "maml", "code": "lee", "samples": 32,
             "capacity": 32, "steps": 1, "lr": 10.0, "oracle": oracle, "hessian_error": 0.0,
             "gae_lambda": 1.0, "mdps": 10, "repeats": 50 if quick else 20, "states": 20,
-            "actions": 5, "gamma": 0.8, "horizon": 20, "noise": 1.0, "seed": seed}
+            "actions": 5, "gamma": 0.8, "horizon": 20, "noise": 1.0, "seed": seed,
+            "theta0": "zeros", "max_steps": 1}
 
 
-def study_grids(name: str, quick: bool = False, oracle: str = "infinite",
-                seed: int = 0) -> list[Grid]:
-    """The grids of study `name` (DESIGN §5 codes; issue 3's reference grids). --quick trims axes."""
+def study_grids(name: str, quick: bool = False, oracle: str = "infinite", seed: int = 0,
+                theta0: str | list = "zeros") -> list[Grid]:
+    """The grids of study `name` (the reference study's grids). --quick trims axes.
+
+    Every grid's `max_steps` is the largest K it sweeps, so that one program per estimator serves it.
+    """
     require(name in STUDIES, f"unknown study {name!r}; allowed: {', '.join(STUDIES)}")
-    base = base_config(name, quick, oracle, seed)
+    base = {**base_config(name, quick, oracle, seed), "theta0": theta0}
+    return [Grid({**g.base, "max_steps": max(g.axes.get("steps", [g.base["steps"]]))}, g.axes)
+            for g in _grids(name, quick, base)]
+
+
+def _grids(name: str, quick: bool, base: dict[str, Any]) -> list[Grid]:
     if name == "decompose":
         sizes = (2, 8, 32, 128) if quick else SAMPLE_SIZES
         codes = ("lee", "ele") if quick else CODES + ("eee",)
@@ -108,7 +120,7 @@ def study_grids(name: str, quick: bool = False, oracle: str = "infinite",
 
 def study_points(name: str, quick: bool = False, oracle: str = "infinite", seed: int = 0,
                  overrides: Mapping[str, Any] | None = None,
-                 max_groups: int | None = None) -> list[dict[str, Any]]:
+                 max_groups: int | None = None, theta0: str | list = "zeros") -> list[dict[str, Any]]:
     """Every point of study `name`, in a stable order.
 
     For tests and smoke runs: `overrides` replaces config fields (e.g. mdps, repeats) in every
@@ -118,30 +130,38 @@ def study_points(name: str, quick: bool = False, oracle: str = "infinite", seed:
 
     require(max_groups is None or max_groups >= 1, f"max_groups must be ≥ 1, got {max_groups}")
     points = [{**p, **(overrides or {})}
-              for grid in study_grids(name, quick, oracle, seed) for p in expand(grid)]
+              for grid in study_grids(name, quick, oracle, seed, theta0) for p in expand(grid)]
     if max_groups is None:
         return points
     kept = list(dict.fromkeys(group_key(p) for p in points))[:max_groups]
     return [p for p in points if group_key(p) in kept]
 
 
+TRACED = ("samples", "code", "lr", "steps", "hessian_error")
+"""Point fields that are traced inputs of the compiled program rather than part of it."""
+
+
 def metagrad_config(config: Mapping[str, Any]) -> mg.MetaGradConfig:
     """The MetaGradConfig of a point's compiled program: every ingredient sampled at the padded
-    `capacity`; `counts` (0 = exact) turns it into the point's own code and sample size."""
+    `capacity`, `max_steps` loop steps, placeholder α = 1 and c = 1 when the point injects an error;
+    `counts` (0 = exact) and `hyper` turn it into the point's own code, size, α, K and c."""
     letters = config["code"]
     require(len(letters) == 3 and set(letters) <= {"e", "l"},
             f"a code is 3 letters from e, l (inner-hessian-outer), got {letters!r}")
+    require(1 <= config["steps"] <= config["max_steps"],
+            f"steps must be in 1..max_steps ({config['max_steps']}), got {config['steps']}")
     ingredients = [mg.Ingredient(config["estimator"], config["capacity"])] * 3
     return mg.MetaGradConfig(
-        problem=config["problem"], steps=int(config["steps"]), lr=float(config["lr"]),
+        problem=config["problem"], steps=int(config["max_steps"]), lr=1.0,
         horizon=int(config["horizon"]), noise=float(config["noise"]), inner=ingredients[0],
         hessian=ingredients[1], outer=ingredients[2], oracle=config["oracle"],
-        gae_lambda=float(config["gae_lambda"]), hessian_error=float(config["hessian_error"]))
+        gae_lambda=float(config["gae_lambda"]), hessian_error=1.0 if config["hessian_error"] else 0.0)
 
 
 def group_key(config: Mapping[str, Any]) -> str:
-    """Points that differ only in `samples` and `code` share one compiled program."""
-    return repr(sorted((k, v) for k, v in config.items() if k not in ("samples", "code")))
+    """Points that differ only in traced fields (`TRACED`) share one compiled program."""
+    return repr(sorted((k, bool(v) if k == "hessian_error" else v) for k, v in config.items()
+                       if k not in TRACED or k == "hessian_error"))
 
 
 def counts(config: Mapping[str, Any]) -> jax.Array:
@@ -149,9 +169,21 @@ def counts(config: Mapping[str, Any]) -> jax.Array:
     return jnp.array([config["samples"] if c == "l" else 0 for c in config["code"]], jnp.int32)
 
 
+def point_hyper(config: Mapping[str, Any]) -> mg.Hyper:
+    """The point's traced α, K and c."""
+    return mg.Hyper(jnp.asarray(float(config["lr"])), jnp.asarray(int(config["steps"]), jnp.int32),
+                    jnp.asarray(float(config["hessian_error"])))
+
+
 @functools.lru_cache(maxsize=8)
-def _problems(seed: int, problem: str, mdps: int, states: int, actions: int, gamma: float):
-    return problem_set(seed, mg.MetaGradConfig(problem=problem), mdps, states, actions, gamma)
+def _problems(seed: int, problem: str, mdps: int, states: int, actions: int, gamma: float, theta0):
+    theta0 = theta0 if isinstance(theta0, str) else np.asarray(theta0, np.float64)
+    return problem_set(seed, mg.MetaGradConfig(problem=problem), mdps, states, actions, gamma,
+                       theta0=theta0)
+
+
+def _hashable(theta0):
+    return theta0 if isinstance(theta0, str) else tuple(map(tuple, theta0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,40 +193,45 @@ def _programs(cfg: mg.MetaGradConfig, with_path: bool):
     path = None
     if with_path:
         path = jax.jit(jax.vmap(jax.vmap(
-            lambda key, mdp, phi, count: inner_path_error(key, cfg, mdp, phi, count),
-            in_axes=(0, None, None, None)), in_axes=(0, 0, 0, None)))
+            lambda key, mdp, phi, count, h: inner_path_error(key, cfg, mdp, phi, count, h),
+            in_axes=(0, None, None, None, None)), in_axes=(0, 0, 0, None, None)))
     return estimate, exact, path
 
 
 def inner_path_error(key: jax.Array, cfg: mg.MetaGradConfig, mdp, phi: jax.Array,
-                     count: jax.Array) -> jax.Array:
-    """‖θ̂_k − θ_k‖² for k = 1..K: sampled inner steps (cfg.inner, first `count` trajectories)
-    against the exact inner path, both from θ_0. Returns [K].
+                     count: jax.Array, hyper: mg.Hyper | None = None) -> jax.Array:
+    """‖θ̂_k − θ_k‖² for k = 1..K_max: sampled inner steps (cfg.inner, first `count` trajectories)
+    against the exact inner path, both from θ_0; entries k > K (hyper.steps) repeat the K-th.
+    Returns [cfg.steps].
 
     Uses the same step keys as `metagrad.estimate_meta_gradient`, so θ̂_k is the inner path of the
     estimate computed with the same key.
     """
+    lr, steps, _ = mg.config_hyper(cfg) if hyper is None else hyper
     reward = mg.inner_reward(cfg, mdp, phi)
     exact_inner = dataclasses.replace(cfg.inner, samples=None)
-    step_keys = jax.random.split(key, cfg.steps + 1)[:-1]
+    keys, _ = mg.step_keys(key, cfg.steps)
 
-    def step(carry, step_key):
+    def step(carry, inputs):
+        k, step_key = inputs
         theta_hat, theta = carry
         key_in, _ = jax.random.split(step_key)
         g_hat = jax.grad(lambda th: mg.ingredient_objective(
             key_in, cfg, cfg.inner, mdp, th, reward, count))(theta_hat)
         g = jax.grad(lambda th: mg.ingredient_objective(
             key_in, cfg, exact_inner, mdp, th, reward))(theta)
-        theta_hat, theta = theta_hat + cfg.lr * g_hat, theta + cfg.lr * g
+        active = k < steps
+        theta_hat = jnp.where(active, theta_hat + lr * g_hat, theta_hat)
+        theta = jnp.where(active, theta + lr * g, theta)
         return (theta_hat, theta), jnp.sum((theta_hat - theta) ** 2)
 
     theta0 = mg.initial_theta(cfg, phi)
-    _, errors = lax.scan(step, (theta0, theta0), step_keys)
+    _, errors = lax.scan(step, (theta0, theta0), (jnp.arange(cfg.steps), keys))
     return errors
 
 
 def batch_points(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Statistics of a group of points sharing everything but `samples`: one compiled program.
+    """Statistics of a group of points sharing one compiled program (they differ in `TRACED` only).
 
     Per point: corr, std_sum, mse_of_mean, bias2 (+ se, CI), variance (stats.summarize over
     M MDPs × R repeats), per-MDP bias2, and for the comp-* studies `param_error` [K] (mean over
@@ -202,28 +239,30 @@ def batch_points(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     first = configs[0]
     require(all(group_key(c) == group_key(first) for c in configs),
-            "batch_points needs points that differ only in their sample size and code")
+            "batch_points needs points that differ only in " + ", ".join(TRACED))
     cfg = metagrad_config(first)
     with_path = first["study"] in COMP_STUDIES
     results = []
     with jax.enable_x64(True):
         mdps, phis = _problems(first["seed"], first["problem"], first["mdps"], first["states"],
-                               first["actions"], float(first["gamma"]))
+                               first["actions"], float(first["gamma"]), _hashable(first["theta0"]))
         estimate, exact_fn, path = _programs(cfg, with_path)
-        exact = np.asarray(exact_fn(mdps, phis)).reshape(first["mdps"], -1)
         keys = jax.random.split(jax.random.key(first["seed"] + 1), (first["mdps"], first["repeats"]))
         for config in configs:
             require(1 <= config["samples"] <= config["capacity"],
                     f"samples must be in 1..capacity ({config['capacity']}), got {config['samples']}")
-            point_counts = counts(config)
+            metagrad_config(config)  # validates steps <= max_steps and the code
+            point_counts, hyper = counts(config), point_hyper(config)
             started = time.perf_counter()
-            estimates = np.asarray(estimate(keys, mdps, phis, point_counts))
+            exact = np.asarray(exact_fn(mdps, phis, hyper)).reshape(first["mdps"], -1)
+            estimates = np.asarray(estimate(keys, mdps, phis, point_counts, hyper))
             summary = stats.summarize(estimates.reshape(first["mdps"], first["repeats"], -1), exact)
             per_mdp = summary.pop("per_mdp")
-            result = {**summary, "bias2_per_mdp": per_mdp["bias2"].tolist(),
-                      "bias2_se_per_mdp": per_mdp["bias2_se"].tolist()}
+            result = {**summary, "bias2_per_mdp": np.asarray(per_mdp["bias2"]).tolist(),
+                      "bias2_se_per_mdp": np.asarray(per_mdp["bias2_se"]).tolist()}
             if with_path:
-                errors = np.asarray(path(keys, mdps, phis, point_counts[0])).reshape(-1, cfg.steps)
+                errors = np.asarray(path(keys, mdps, phis, point_counts[0], hyper)).reshape(
+                    -1, cfg.steps)[:, :config["steps"]]
                 result["param_error"] = errors.mean(0).tolist()
                 result["param_error_se"] = (errors.std(0, ddof=1) / np.sqrt(len(errors))).tolist()
             result["finite"] = bool(np.all(np.isfinite(estimates)))
