@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmrl.algos import lola
-from gmrl.commands.lola import use_cpu_devices
+from gmrl.devices import use_cpu_devices
 from gmrl.envs import ipd
 from gmrl.io import atomic_write_json
 
@@ -128,8 +128,8 @@ def main() -> None:
     parser.add_argument("--cpu-devices", type=int, default=None,
                         help="CPU devices to shard the seeds over (default: as `gmrl lola`).")
     args = parser.parse_args()
-    devices = use_cpu_devices(args.cpu_devices)
-    print(f"seeds sharded over {devices} device(s)")
+    use_cpu_devices(args.cpu_devices)  # before any JAX computation
+    print(f"seeds sharded over {len(jax.devices())} device(s)")
     naive = time_naive(args.naive_updates)
     naive_total = naive * args.updates * args.seeds
     quoted_total = QUOTED_REFERENCE_SECONDS_PER_UPDATE_PER_SEED * args.updates * args.seeds

@@ -12,9 +12,9 @@ import pytest
 
 from gmrl import cli as gmrl_cli
 from gmrl.algos import lola
-from gmrl.commands import lola as lola_cmd
 from gmrl.envs import ipd
 from gmrl.errors import InputError
+from gmrl.runs import lola as lola_runs
 
 
 def _thetas(seed, scale=1.0):
@@ -183,12 +183,11 @@ def test_training_is_deterministic_per_seed_and_chunk_invariant():
 _TWO_DEVICE_RUN = """
 import sys
 import numpy as np
-import jax.numpy as jnp
-import gmrl.cli  # starts JAX's backend (gymnax makes arrays at import)
+import jax
+from gmrl.devices import use_cpu_devices
+assert use_cpu_devices(2) == 2  # once, before any JAX computation
 from gmrl.algos import lola
-from gmrl.commands.lola import use_cpu_devices
-jnp.zeros(1)
-assert use_cpu_devices(2) == 2
+assert len(jax.devices()) == 2
 cfg = lola.LolaConfig(comp=8, hessian=8, outer=8, horizon=12)
 metrics = lola.train(cfg, seed=3, num_seeds=2, num_updates=4, chunk=4).metrics
 np.savez(sys.argv[1], *metrics)
@@ -197,7 +196,8 @@ np.savez(sys.argv[1], *metrics)
 
 def test_seeds_sharded_over_two_cpu_devices_give_the_same_results(tmp_path):
     """`gmrl lola` splits seeds over 2 CPU devices (in a fresh process: JAX fixes the device
-    count per process); the sharded run matches the single-device one."""
+    count per process, `gmrl.devices.use_cpu_devices`); the sharded run matches the
+    single-device one."""
     path = tmp_path / "two_devices.npz"
     subprocess.run([sys.executable, "-c", _TWO_DEVICE_RUN, str(path)], check=True, timeout=300)
     sharded = np.load(path)
@@ -233,8 +233,8 @@ def test_config_validation():
     with pytest.raises(InputError, match="multiple"):
         lola.LolaConfig(comp=100, comp_off_policy=True).validate()
     with pytest.raises(InputError, match="exact"):
-        lola_cmd.parse_source("many", "--inner")
-    assert lola_cmd.parse_source("exact", "--inner") is None
+        lola_runs.parse_source("many", "--inner")
+    assert lola_runs.parse_source("exact", "--inner") is None
     for name, overrides in lola.REFERENCE_VARIANTS.items():
         assert dataclasses.replace(lola.LolaConfig(), **overrides).validate(), name
 
@@ -271,8 +271,8 @@ def test_report_and_figures_from_summaries(tmp_path):
 
     summaries = {"inner128-outer128": fake(0.2), "off-policy": fake(0.5),
                  "comp1024-hess128": fake(0.2)}
-    lola_cmd.plot_curves(tmp_path, summaries)
-    lola_cmd.write_report(tmp_path / "report.md", summaries, 5, 2)
+    lola_runs.plot_curves(tmp_path, summaries)
+    lola_runs.write_report(tmp_path / "report.md", summaries, 5, 2)
     report = (tmp_path / "report.md").read_text()
     assert "(off-policy) raises the gradient correlation" in report
     assert "(comp1024-hess128) does not significantly change" in report

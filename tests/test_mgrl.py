@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -265,8 +266,10 @@ def test_frame_accounting():
                                inner_steps=2) is algorithm
 
 
-def test_interrupted_run_leaves_complete_logs_and_resumes(tmp_path, monkeypatch):
-    from gmrl.commands import mgrl as command
+def test_interrupted_run_leaves_complete_logs_and_resumes_to_the_same_numbers(tmp_path,
+                                                                              monkeypatch):
+    from gmrl.io import read_csv
+    from gmrl.runs import mgrl as runs
 
     real = a2c.compiled_run_steps
     calls = {"n": 0}
@@ -282,44 +285,77 @@ def test_interrupted_run_leaves_complete_logs_and_resumes(tmp_path, monkeypatch)
 
         return wrapped
 
+    config = runs.run_config("a2c", "CartPole-v1", 4 * 5 * 12, 2, 0, 6,
+                             {"num_envs": 4, "num_steps": 5})
+    uninterrupted = runs.train(config, tmp_path / "whole", progress=False)
     out = tmp_path / "run"
-    settings = dict(algo="a2c", env="CartPole-v1", frames=4 * 5 * 12, seeds=2, out=out,
-                    log_points=6, overrides={"num_envs": 4, "num_steps": 5},
-                    show_progress=False)
     monkeypatch.setattr(a2c, "compiled_run_steps", interrupt_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
-        command.run_training(**settings)
-    rows = command._read_rows(out / "progress.csv")
+        runs.train(config, out, progress=False)
+    rows = read_csv(out / "progress.csv")
     assert [int(r["frames"]) for r in rows] == [40, 40, 80, 80]
-    assert all(set(r) == set(command.CSV_FIELDS) and all(v != "" for v in r.values())
+    assert all(set(r) == set(runs.CSV_FIELDS) and all(v != "" for v in r.values())
                for r in rows)
-    with pytest.raises(InputError, match="--resume"):
-        command.run_training(**settings)
+    assert runs.has_run(out, config)
+    assert not runs.has_run(out, {**config, "seed": 1})
     monkeypatch.setattr(a2c, "compiled_run_steps", real)
-    summary = command.run_training(**settings, resume=True)
-    rows = command._read_rows(out / "progress.csv")
+    resumed = runs.train(config, out, progress=False)
+    rows = read_csv(out / "progress.csv")
     assert [int(r["frames"]) for r in rows][::2] == [40, 80, 120, 160, 200, 240]
+    summary = resumed["summary"]
     assert summary["frames_done"] == 240 and len(summary["final_return_per_seed"]) == 2
+    def numbers(rows):  # everything but the timings; NaN (no episode finished) compares equal
+        return json.dumps([{k: v for k, v in r.items() if k not in ("fps", "wall_s")}
+                           for r in rows])
+
+    assert numbers(resumed["rows"]) == numbers(uninterrupted["rows"])
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    from gmrl.runs import checkpoint
+
+    algorithm = mgrl.make_algorithm("mgrl", "CartPole-v1", num_envs=4, num_steps=3,
+                                    inner_steps=2)
+    states = a2c.init_seeds(algorithm, jax.random.key(0), 2)
+    checkpoint.save(tmp_path / "c.msgpack", states, 7)
+    restored, steps = checkpoint.restore(tmp_path / "c.msgpack", states)
+    assert steps == 7
+    for x, y in zip(jax.tree.leaves(states), jax.tree.leaves(restored), strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+    other = a2c.init_seeds(algorithm, jax.random.key(0), 3)
+    with pytest.raises(InputError, match="does not match this configuration"):
+        checkpoint.restore(tmp_path / "c.msgpack", other)
+
+
+def test_cli_constants_match_the_library():
+    from gmrl.commands import mgrl as command
+    from gmrl.runs import mgrl as runs
+
+    assert command.ALGOS == runs.ALGOS == mgrl.ALGOS
+    assert command.META_PARAMS == mgrl.META_PARAMS
+    assert command.ENVS == a2c.SUPPORTED_ENVS and runs.STUDY_GAMES == a2c.MINATAR_GAMES
 
 
 def test_study_report_and_figures_from_run_logs(tmp_path):
-    from gmrl.commands import mgrl as command
-    from gmrl.io import atomic_write_csv, atomic_write_json
+    from gmrl.runs import mgrl as runs
 
     rng = np.random.default_rng(0)
+    results = {}
     for algo in mgrl.ALGOS:
         rows = [{"frames": f, "seed": s, "episode_return": f / 100 + rng.normal(),
                  "episodes": 3, "fps": 1e4, "wall_s": f / 1e4, "gamma": 0.99 - f * 1e-6,
                  "lam": 0.95, "entropy_coef": 0.01, "value_coef": 0.5, "loss": 0.0,
                  "meta_grad_norm": 0.0} for f in (100, 200, 300) for s in range(3)]
-        atomic_write_csv(tmp_path / "Breakout-MinAtar" / algo / "progress.csv", rows)
-        atomic_write_json(tmp_path / "Breakout-MinAtar" / algo / "summary.json",
-                          command._summary(command._read_rows(
-                              tmp_path / "Breakout-MinAtar" / algo / "progress.csv"),
-                              {"algo": algo}, a2c.Algorithm(None, None, 320, 0)))
-    figures = command._plot_study(tmp_path, ["Breakout-MinAtar"], mgrl.ALGOS)
-    report = command._report(tmp_path, ["Breakout-MinAtar", "Asterix-MinAtar"], mgrl.ALGOS,
-                             300, 3)
+        config = runs.run_config(algo, "Breakout-MinAtar", 300, 3, overrides={"num_envs": 8})
+        summary = runs.summarize(rows, config, a2c.Algorithm(None, None, 320, 0),
+                                 mgrl.make_config(algo, "Breakout-MinAtar", num_envs=8))
+        results[("Breakout-MinAtar", algo)] = {"summary": summary, "rows": rows}
+    figures = runs.plot_study(tmp_path, results, ["Breakout-MinAtar"])
+    report = runs.report(results, ["Breakout-MinAtar", "Asterix-MinAtar"], tmp_path)
     assert figures[0].exists() and figures[0].stat().st_size > 10_000
     assert report.count("| Breakout-MinAtar |") == 3 and "(not run)" in report
     assert "±" in report and "0.9897" in report and "Asterix-MinAtar.png" not in report
+    assert "8 envs × 5 steps" in report and "K = 3 inner steps" in report  # as configured

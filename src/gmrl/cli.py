@@ -1,8 +1,15 @@
-"""The `gmrl` command. Each sub-command lives in its own module under `gmrl.commands`."""
+"""The `gmrl` command. Each sub-command lives in its own module under `gmrl.commands`.
+
+Modules are imported only when one of their commands runs (or its help is shown), so that
+`gmrl --help` and `gmrl tabular` never load gymnax, flax or Ray, and no JAX backend starts before
+a command has set the CPU device count (`gmrl.devices`). `LAZY_COMMANDS` lets `gmrl --help` list
+a module's top-level commands without importing it; a module missing there is imported to list.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -12,24 +19,93 @@ from gmrl.errors import InputError
 # Modules under gmrl.commands; each defines `register(cli: click.Group, study: click.Group)`.
 COMMAND_MODULES: list[str] = ["tabular", "lola", "study", "mgrl"]
 
+# Top-level command name -> (module that registers it, one-line help shown by `gmrl --help`).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "tabular": ("tabular", "Exact vs decomposed meta-gradient estimates on tabular MDPs."),
+    "lola": ("lola", "LOLA-DiCE on the iterated prisoner's dilemma, with the exact LOLA gradient."),
+    "mgrl": ("mgrl", "Train A2C, MGRL or MGRL-LVC on a gymnax environment."),
+    "plot": ("study", "Redraw figures, results.csv and report.md from DIR/results.sqlite."),
+}
+# `gmrl study NAME` -> module, for the names known without importing (the rest: every module).
+LAZY_STUDIES: dict[str, str] = {"lola": "lola", "mgrl": "mgrl"}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_loaded: set[str] = set()
+
+
+def _load(module: str) -> None:
+    if module not in _loaded:
+        _loaded.add(module)
+        importlib.import_module(f"gmrl.commands.{module}").register(cli, study)
+
+
+def _load_all() -> None:
+    for module in COMMAND_MODULES:
+        _load(module)
+
+
+class _LazyGroup(click.Group):
+    """A group whose commands are registered by their module on first use."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, listed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy or {}
+        self._listed = listed  # whether list_commands may answer from `lazy` alone
+
+    def get_command(self, ctx, name):
+        if name not in self.commands:
+            module = self._lazy.get(name)
+            if module is not None and module in COMMAND_MODULES:
+                _load(module)
+            else:
+                _load_all()
+        return self.commands.get(name)
+
+    def list_commands(self, ctx):
+        if not self._listed:
+            _load_all()
+        else:  # modules that LAZY_COMMANDS does not describe are imported to list theirs
+            for module in COMMAND_MODULES:
+                if module not in {m for m, _ in LAZY_COMMANDS.values()}:
+                    _load(module)
+        return sorted(set(self.commands) | {n for n, m in self._lazy.items()
+                                            if m in COMMAND_MODULES})
+
+    def format_commands(self, ctx, formatter):
+        if not self._listed:
+            return super().format_commands(ctx, formatter)
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                command = self.commands[name]
+                if command.hidden:
+                    continue
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+            elif name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, lazy={n: m for n, (m, _) in LAZY_COMMANDS.items()},
+             listed=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gmrl")
 def cli() -> None:
     """Estimate, diagnose and correct meta-gradients in gradient-based meta-RL."""
 
 
-@cli.group()
+@cli.group(cls=_LazyGroup, lazy=LAZY_STUDIES)
 def study() -> None:
     """Run one of the reference studies (writes a result store, figures and report.md)."""
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"gmrl.commands.{_name}").register(cli, study)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input gives one line on stderr and exit status 2, never a traceback."""
+    """Entry point: bad input gives one line on stderr and exit status 2, never a traceback.
+
+    At start-up figures are drawn without a display (MPLBACKEND=Agg unless the caller chose a
+    backend); library code never switches the matplotlib backend itself.
+    """
+    os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         cli.main(args=argv, prog_name="gmrl", standalone_mode=False)
     except InputError as err:

@@ -1,34 +1,77 @@
-"""Atomic result files: a reader sees the old file or the complete new one, never half of one."""
+"""Atomic result files: a reader sees the old file or the complete new one, never half of one.
+
+Every writer goes through a temporary file in the destination folder, flushed to disk, then
+`os.replace`. The file gets the permissions a plain `open(path, "w")` would give it (0666 masked
+by the process umask), not the 0600 of the temporary file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from gmrl.errors import InputError, require
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` via a temporary file in the same folder and os.replace."""
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _atomic(path: str | os.PathLike) -> Iterator[tuple[Path, BinaryIO]]:
+    """Yield (path, binary handle of a temporary file); on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            yield path, handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same folder and os.replace."""
+    with _atomic(path) as (path, handle):
+        handle.write(data)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call write(binary handle) on a temporary file, then move it to `path` (e.g. a figure:
+    `atomic_write_with(p, lambda f: fig.savefig(f, format="png"))`)."""
+    with _atomic(path) as (path, handle):
+        write(handle)
+    return path
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """`fig.savefig` to `path` atomically (format from the suffix): no truncated figure on a
+    full disk or an interrupt."""
+    path = Path(path)
+    fmt = kwargs.pop("format", path.suffix.lstrip(".") or "png")
+    return atomic_write_with(path, lambda handle: fig.savefig(handle, format=fmt, **kwargs))
 
 
 def to_jsonable(value: Any) -> Any:
@@ -57,3 +100,37 @@ def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]])
         writer.writeheader()
         writer.writerows(rows)
     return atomic_write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a CSV file written by `atomic_write_csv` (values as strings); [] if missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Check, before any computation, that `path` is (or can be made) a writable folder; create it.
+
+    Raises InputError naming the problem: an existing file, a parent that is a file, a place
+    where folders cannot be created or files written.
+    """
+    path = Path(path)
+    require(not path.exists() or path.is_dir(),
+            f"{option} must be a folder, but {path} is an existing file; give a new or existing "
+            "folder")
+    for parent in path.parents:
+        if parent.exists():
+            require(parent.is_dir(), f"{option} {path}: {parent} is a file, not a folder; give a "
+                    "path whose parents are folders")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".gmrl-write-test."):
+            pass
+    except OSError as err:
+        raise InputError(f"{option} {path} is not a writable folder ({err.strerror or err}); give "
+                         "a folder you can write to") from None
+    return path

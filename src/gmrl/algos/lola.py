@@ -1,12 +1,13 @@
 """LOLA-DiCE on the iterated prisoner's dilemma, with exact LOLA meta-gradients beside it.
 
-Foerster et al. 2018 (LOLA; DiCE §5) as studied by Tang et al. 2022 (§6, "A Theoretical
+Foerster et al. 2018 (LOLA; DiCE §5) as studied by Liu et al. 2022 (§6, "A Theoretical
 Understanding of Gradient Bias in Meta-Reinforcement Learning"). Agent i's meta-parameter is its own
 policy θ^i; its inner loop is the opponent's K anticipated gradient-ascent steps on the opponent's
 return, θ^j_{k+1} = θ^j_k + α ∇_j J_j(θ^i, θ^j_k); its outer objective is J_i(θ^i, θ^j_K), and the
 meta-gradient d/dθ^i J_i(θ^i, θ^j_K(θ^i)) moves θ^i by Adam.
 
-Each inner step is composed as in DESIGN §5 with `metagrad.straight_through`: the compositional
+Each inner step is composed as in the decomposed estimate (docs/design.md, "The decomposed
+estimate"; Liu, Feng et al. 2022, §4) with `metagrad.straight_through`: the compositional
 part (the step's value) and the Hessian part (its Jacobian in θ^i) each come from the exact value or
 from a DiCE estimate on their own batch (on-policy, or an importance-weighted replay). Sampled
 returns use the DiCE surrogate over the joint trajectory (both players' log-probs are stochastic
@@ -19,6 +20,7 @@ one `jax.jit`, vmapped over seeds. Exact quantities are computed in float64.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -208,7 +210,8 @@ def _opponent_gradient(source: int | None, off_policy: bool, player: int, theta_
 
 def lookahead(player: int, theta_own: Array, theta_opp: Array, values_opp: Array, key: Array,
               replay: Replay | None, cfg: LolaConfig) -> tuple[Array, Replay | None]:
-    """The opponent's K anticipated steps θ_{k+1} = θ_k + α ĝ_k, composed as in DESIGN §5.
+    """The opponent's K anticipated steps θ_{k+1} = θ_k + α ĝ_k, composed as in docs/design.md
+    (the straight-through step).
 
     Value of each step from the compositional source, Jacobian (in θ_own) from the Hessian source.
     Returns (θ_opp after K steps [5], replay after the fresh batches were added).
@@ -375,20 +378,17 @@ def train_chunk(states: TrainState, keys: Array, first_update: Array, cfg: LolaC
         return _train_chunk(states, keys, first_update, cfg, length)
 
 
-_COMPILED: dict[tuple, Any] = {}
-_COMPILED_KEEP = 4
-
-
-def _compiled_chunk(states: TrainState, keys: Array, cfg: LolaConfig, chunk: int):
-    """The ahead-of-time compiled `_train_chunk` for (cfg, chunk, number of seeds); a few of the
-    most recent programs are kept, so repeating a run in one process does not compile again."""
-    cache_key = (cfg, chunk, keys.shape[0], str(keys.sharding))
-    if cache_key not in _COMPILED:
-        while len(_COMPILED) >= _COMPILED_KEEP:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        first = jnp.zeros((), jnp.int32)
-        _COMPILED[cache_key] = _train_chunk.lower(states, keys, first, cfg, chunk).compile()
-    return _COMPILED[cache_key]
+@functools.lru_cache(maxsize=4)
+def _compiled_chunk(cfg: LolaConfig, chunk: int, num_seeds: int, sharding: Any):
+    """The ahead-of-time compiled `_train_chunk` for (cfg, chunk, number of seeds, placement of
+    the seeds); the few most recent programs are kept, so repeating a run in one process does
+    not compile again (the same `functools.lru_cache` idiom as `gmrl.algos.a2c`)."""
+    keys = seed_keys(0, num_seeds)
+    states = init_states(keys, cfg)
+    if sharding is not None:
+        keys, states = jax.device_put((keys, states), sharding)
+    first = jnp.zeros((), jnp.int32)
+    return _train_chunk.lower(states, keys, first, cfg, chunk).compile()
 
 
 class TrainResult(NamedTuple):
@@ -417,11 +417,12 @@ def train(cfg: LolaConfig, seed: int = 0, num_seeds: int = 10, num_updates: int 
     with jax.enable_x64(True):
         states = init_states(keys, cfg)
         devices = jax.devices()
+        seeds_axis = None
         if len(devices) > 1 and num_seeds % len(devices) == 0:
             # e.g. JAX_NUM_CPU_DEVICES=2: seeds split across devices (cores), one program
             seeds_axis = NamedSharding(Mesh(np.array(devices), ("seeds",)), PartitionSpec("seeds"))
             keys, states = jax.device_put((keys, states), seeds_axis)
-        compiled = _compiled_chunk(states, keys, cfg, chunk)
+        compiled = _compiled_chunk(cfg, chunk, num_seeds, seeds_axis)
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     parts: list[UpdateMetrics] = []
@@ -458,4 +459,4 @@ REFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
     "off-comp-on-hess": dict(comp_off_policy=True),
     "on-comp-off-hess": dict(hessian_off_policy=True),
 }
-"""The reference study's 11 variants (Tang et al. 2022, LOLA-DiCE): LolaConfig overrides."""
+"""The reference study's 11 variants (Liu et al. 2022, LOLA-DiCE): LolaConfig overrides."""

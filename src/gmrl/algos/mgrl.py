@@ -1,6 +1,6 @@
 """Meta-Gradient RL (Xu et al. 2018) on A2C, with the vanilla or the LVC inner policy surrogate.
 
-Meta-parameters η = sigmoid(x), x ∈ R⁴ the meta-logits, η = (γ, λ, c_ent, c_v) (DESIGN §2, MGRL).
+Meta-parameters η = sigmoid(x), x ∈ R⁴ the meta-logits, η = (γ, λ, c_ent, c_v) (docs/design.md, "MGRL").
 One MGRL step, with K inner steps (default 3, the reference's "3-step MGRL"):
 
     θ_{k+1}, s_{k+1} = θ_k + RMSProp_{s_k}(∇_θ L_in(θ_k; D_k, η)),   k = 0..K-1
@@ -14,7 +14,7 @@ the computation as run with its sampled data (tested against float64 finite diff
 
 `lvc=True` replaces log π by π/sg(π) in the inner policy loss (`gmrl.estimators.lvc`, Rothfuss
 et al. 2019): the same inner update value, a Hessian with the extra score outer-product term, i.e. the
-lower-bias curvature studied by Tang et al. 2022 (§6, MGRL experiments).
+lower-bias curvature studied by Liu et al. 2022 (§6, MGRL experiments).
 """
 
 from __future__ import annotations

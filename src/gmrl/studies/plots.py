@@ -1,5 +1,9 @@
 """Figures of a study's result store: a metric against the study's x axis, one line per code or
-estimator, error bars from the 95% CIs (bias2: jackknife; DESIGN §6), one panel per `PANELS` value.
+estimator, error bars from the 95% CIs (bias2: jackknife; docs/design.md, statistics), one panel per
+`PANELS` value.
+
+Figures are drawn on `matplotlib.figure.Figure` objects, not through pyplot, so the caller's
+matplotlib backend is left as it is; PNGs are written atomically (`gmrl.io.atomic_savefig`).
 """
 
 from __future__ import annotations
@@ -38,19 +42,20 @@ def series(rows: list[dict], study: str) -> dict[tuple, list[dict]]:
 
 def plot_study(rows: list[dict], study: str, out_dir: Path) -> list[Path]:
     """One PNG per metric (bias2 ± CI, corr, std_sum, mse_of_mean), plus param_error for comp-*."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gmrl.io import atomic_savefig
 
     groups = series(rows, study)
     require(bool(groups), f"the store holds no rows of study {study!r}")
     panels = sorted({k[0] for k in groups}, key=str)
     x_name = X_AXIS[study]
-    metrics = METRICS + (("param_error",) if any("param_error" in r for r in rows) else ())
+    metrics = METRICS + (("param_error",) if any("param_error" in r for r in rows
+                                                 if r.get("study") == study) else ())
     written = []
     for metric in metrics:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        fig = Figure(figsize=(4.2 * len(panels), 3.6))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         for ax, panel in zip(axes[0], panels, strict=True):
             for (p, line), points in groups.items():
                 if p != panel:
@@ -78,8 +83,7 @@ def plot_study(rows: list[dict], study: str, out_dir: Path) -> list[Path]:
                      fontsize=10)
         fig.tight_layout()
         path = Path(out_dir) / f"{study}_{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        atomic_savefig(fig, path, dpi=110)
         written.append(path)
     return written
 

@@ -1,0 +1,361 @@
+"""Meta-Gradient RL training runs and the a2c / mgrl / mgrl-lvc study, on the run layer.
+
+A run is the point {"study": "mgrl", "algo", "env", "frames", "seeds", "seed", "log_points",
+"overrides"} (overrides: `gmrl.algos.mgrl.MGRLConfig` fields). `train` is the training driver:
+chunks of steps, each one compiled call (`lax.scan` over steps, `jax.vmap` over seeds); after
+each chunk the CSV log (progress.csv), the checkpoint (checkpoint.msgpack, flax.serialization)
+and, on request, TensorBoard events (tensorboardX) are brought up to date in the run's folder.
+A run whose folder holds a checkpoint of the same configuration continues from it, and ends with
+the same numbers as an uninterrupted run. `run_point` wraps `train` for `gmrl.runs.run_points`:
+the finished run's summary and its logged rows go into the folder's result store.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gmrl import io
+from gmrl.errors import require
+from gmrl.store import config_key
+
+CSV_FIELDS = ("frames", "seed", "episode_return", "episodes", "fps", "wall_s", "gamma", "lam",
+              "entropy_coef", "value_coef", "loss", "meta_grad_norm")
+TENSORBOARD_FIELDS = ("episode_return", "gamma", "lam", "entropy_coef", "value_coef", "fps")
+ALGOS = ("a2c", "mgrl", "mgrl-lvc")  # gmrl.algos.mgrl.ALGOS (tested equal), without importing it
+CHECKPOINT = "checkpoint.msgpack"
+PROGRESS = "progress.csv"
+STATE = "run.json"
+
+
+def run_config(algo: str, env: str, frames: int, seeds: int, seed: int = 0, log_points: int = 100,
+               overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The point of one training run, its settings checked (InputError) before anything runs."""
+    require(algo in ALGOS, f"unknown algorithm {algo!r}; allowed: {', '.join(ALGOS)}")
+    require(frames > 0, f"--frames must be positive, got {frames}")
+    require(seeds >= 1, f"--seeds must be at least 1, got {seeds}")
+    require(log_points >= 1, f"--log-points must be at least 1, got {log_points}")
+    return {"study": "mgrl", "algo": algo, "env": env, "frames": int(frames), "seeds": int(seeds),
+            "seed": int(seed), "log_points": int(log_points),
+            "overrides": io.to_jsonable(dict(overrides or {}))}
+
+
+def _overrides(config: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON overrides back to MGRLConfig field values (lists -> tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config["overrides"].items()}
+
+
+def algorithm_of(config: Mapping[str, Any]):
+    """(gmrl.algos.a2c.Algorithm, MGRLConfig) of a run point."""
+    from gmrl.algos import mgrl
+
+    overrides = _overrides(config)
+    return (mgrl.make_algorithm(config["algo"], config["env"], **overrides),
+            mgrl.make_config(config["algo"], config["env"], **overrides))
+
+
+def has_run(run_dir: Path, config: Mapping[str, Any]) -> bool:
+    """Whether `run_dir` holds a checkpoint of the run `config` (something to resume)."""
+    state = run_dir / STATE
+    if not (run_dir / CHECKPOINT).is_file() or not state.is_file():
+        return False
+    import json
+
+    try:
+        return json.loads(state.read_text(encoding="utf-8")).get("key") == config_key(config)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _rows(metrics: dict[str, np.ndarray], frames: int, fps: float, wall_s: float,
+          first_seed: int) -> list[dict]:
+    """One CSV row per seed from a chunk's metrics (arrays [S, steps])."""
+    rows = []
+    for s in range(metrics["return_sum"].shape[0]):
+        episodes = int(metrics["return_count"][s].sum())
+        ret = float(metrics["return_sum"][s].sum()) / episodes if episodes else float("nan")
+        row = {"frames": frames, "seed": first_seed + s, "episode_return": ret,
+               "episodes": episodes, "fps": fps, "wall_s": wall_s}
+        for name in ("gamma", "lam", "entropy_coef", "value_coef"):  # values at the chunk's end
+            row[name] = float(metrics[name][s, -1])
+        for name in ("loss", "meta_grad_norm"):  # means over the chunk
+            row[name] = float(np.mean(metrics[name][s]))
+        rows.append(row)
+    return rows
+
+
+def _typed(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A CSV row read back as strings -> numbers."""
+    return {k: (int(float(v)) if k in ("frames", "seed", "episodes") else float(v))
+            for k, v in row.items()}
+
+
+def train(config: Mapping[str, Any], run_dir: Path, *, progress: bool = True,
+          tensorboard: bool = False) -> dict[str, Any]:
+    """Train the run `config` in `run_dir` (created), resuming from its checkpoint if there is
+    one for this configuration. Returns {"summary": ..., "rows": every logged row}.
+
+    `seeds` seeds of `algo` on `env` for at least `frames` frames per seed, logged
+    `log_points` times (each log point also checkpoints).
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    from gmrl.algos import a2c
+    from gmrl.runs import checkpoint
+    from gmrl.runs.sinks import CsvLog, TensorBoardLog
+
+    run_dir = Path(run_dir)
+    algorithm, mgrl_config = algorithm_of(config)
+    frames_per_step, init_frames = algorithm.frames_per_step, algorithm.init_frames
+    total_steps = max(1, math.ceil((config["frames"] - init_frames) / frames_per_step))
+    chunk = max(1, math.ceil(total_steps / config["log_points"]))
+    num_chunks = math.ceil(total_steps / chunk)
+    seeds, seed = config["seeds"], config["seed"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = CsvLog(run_dir / PROGRESS, CSV_FIELDS)
+    states = a2c.init_seeds(algorithm, jax.random.key(seed), seeds)
+    steps_done = 0
+    if has_run(run_dir, config):
+        states, steps_done = checkpoint.restore(run_dir / CHECKPOINT, states)
+        frames_at = init_frames + steps_done * frames_per_step
+        log.load()
+        log.keep(lambda r: int(float(r["frames"])) <= frames_at)
+    io.atomic_write_json(run_dir / STATE, {"key": config_key(config), "config": config})
+    board = (TensorBoardLog(run_dir / "tensorboard", TENSORBOARD_FIELDS,
+                            purge_step=init_frames + steps_done * frames_per_step if steps_done
+                            else None) if tensorboard else None)
+    run_chunk = a2c.compiled_run_steps(algorithm, chunk)
+    start_wall = time.perf_counter()
+    previous_wall = float(log.rows[-1]["wall_s"]) if log.rows else 0.0
+    bar = tqdm(total=num_chunks * chunk * frames_per_step, initial=steps_done * frames_per_step,
+               unit="frame", unit_scale=True, disable=not progress, leave=False,
+               desc=f"{config['algo']} {config['env']}")
+    try:
+        while steps_done < num_chunks * chunk:
+            tic = time.perf_counter()
+            states, metrics = run_chunk(states)
+            metrics = jax.tree.map(np.asarray, metrics)
+            elapsed = time.perf_counter() - tic
+            steps_done += chunk
+            frames_done = init_frames + steps_done * frames_per_step
+            fps = chunk * frames_per_step * seeds / elapsed
+            new_rows = _rows(metrics, frames_done, fps,
+                             previous_wall + time.perf_counter() - start_wall, seed)
+            log.extend(new_rows)
+            checkpoint.save(run_dir / CHECKPOINT, states, steps_done)
+            if board is not None:
+                board.add(frames_done, new_rows)
+            bar.update(chunk * frames_per_step)
+            finished = [r["episode_return"] for r in new_rows if r["episodes"]]
+            bar.set_postfix(ret=f"{np.mean(finished):.1f}" if finished else "-", fps=f"{fps:.0f}")
+    except KeyboardInterrupt:
+        bar.close()
+        import sys
+
+        print(f"gmrl: {config['algo']} on {config['env']} interrupted after "
+              f"{steps_done * frames_per_step} frames per seed; {run_dir / PROGRESS} and the "
+              "checkpoint are complete up to there", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if board is not None:
+            board.close()
+    bar.close()
+    rows = [_typed(r) for r in log.rows]
+    return {"summary": summarize(rows, config, algorithm, mgrl_config), "rows": rows}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algorithm,
+              mgrl_config=None) -> dict[str, Any]:
+    """Final return per seed (the mean over the last 10% of logging points, at least one), final
+    meta-parameters, median frames/s and the settings actually used."""
+    seeds = sorted({int(r["seed"]) for r in rows})
+    per_seed, final_meta = [], {}
+    for s in seeds:
+        mine = [r for r in rows if int(r["seed"]) == s]
+        tail = mine[-max(1, len(mine) // 10):]
+        per_seed.append(float(np.nanmean([float(r["episode_return"]) for r in tail])))
+        for name in ("gamma", "lam", "entropy_coef", "value_coef"):
+            final_meta.setdefault(name, []).append(float(mine[-1][name]))
+    fps = [float(r["fps"]) for r in rows[len(seeds):]] or [float(r["fps"]) for r in rows]
+    settings = {}
+    if mgrl_config is not None:
+        settings = {"num_envs": mgrl_config.num_envs, "num_steps": mgrl_config.num_steps,
+                    "inner_steps": mgrl_config.inner_steps if config.get("algo") != "a2c" else 0,
+                    "learning_rate": mgrl_config.learning_rate}
+    return {**config, "frames_done": int(rows[-1]["frames"]), "final_return_per_seed": per_seed,
+            "final_meta_params_per_seed": final_meta, "median_fps": float(np.median(fps)),
+            "frames_per_step": algorithm.frames_per_step, "settings": settings}
+
+
+def run_point(config: Mapping[str, Any], run_dir: str | None = None, root: str | None = None,
+              progress: bool = False, tensorboard: bool = False) -> dict[str, Any]:
+    """`train` as a point function: in `run_dir`, or in ROOT/`study_run_dir(config)`."""
+    folder = Path(run_dir) if run_dir is not None else Path(root) / study_run_dir(config)
+    return train(config, folder, progress=progress, tensorboard=tensorboard)
+
+
+def run(points: Sequence[Mapping[str, Any]], out: Path, *, run_dir: Path | None = None,
+        backend: str = "local", address: str | None = None, progress: bool = True,
+        tensorboard: bool = False, ray_init_kwargs=None) -> list[dict[str, Any]]:
+    """Results of `points` from OUT/results.sqlite, training the missing ones: a single run in
+    `run_dir`, else each in OUT/`study_run_dir(point)`."""
+    from gmrl.runs import run_points
+
+    point_fn = functools.partial(
+        run_point, run_dir=None if run_dir is None else str(run_dir), root=str(out),
+        progress=progress and backend == "local", tensorboard=tensorboard)
+    return run_points(points, point_fn, out, backend=backend, address=address, progress=progress,
+                      description="mgrl", ray_init_kwargs=ray_init_kwargs)
+
+
+# --------------------------------------------------------------------------- study
+
+STUDY_GAMES = ("Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar")
+
+
+def study_run_dir(config: Mapping[str, Any]) -> str:
+    """runs/GAME/ALGO-KEY: a folder per configuration, so runs with other settings never mix."""
+    return f"runs/{config['env']}/{config['algo']}-{config_key(config)[:10]}"
+
+
+def study_points(games: Sequence[str], frames: int, seeds: int, log_points: int, seed: int = 0,
+                 overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every algorithm on every game."""
+    return [run_config(algo, game, frames, seeds, seed, log_points, overrides)
+            for game in games for algo in ALGOS]
+
+
+def _curves(rows: Sequence[Mapping[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(frames [P], values [S, P]) of one logged column."""
+    seeds = sorted({int(r["seed"]) for r in rows})
+    frames = np.array(sorted({int(r["frames"]) for r in rows}))
+    values = np.full((len(seeds), len(frames)), np.nan)
+    for r in rows:
+        value = r[name]
+        values[seeds.index(int(r["seed"])), np.searchsorted(frames, int(r["frames"]))] = \
+            float(value) if value not in ("", "nan", None) else np.nan
+    return frames, values
+
+
+def _fill_nan(values: np.ndarray) -> np.ndarray:
+    """Carry the last finite value forward along points (a window with no finished episode)."""
+    values = values.copy()
+    for s in range(values.shape[0]):
+        for p in range(1, values.shape[1]):
+            if not np.isfinite(values[s, p]):
+                values[s, p] = values[s, p - 1]
+    return np.nan_to_num(values)
+
+
+def plot_study(out: Path, results: Mapping[tuple[str, str], Mapping[str, Any]],
+               games: Sequence[str]) -> list[Path]:
+    """GAME.png per game: return, γ and λ over frames, mean ± 95% CI over seeds per algorithm.
+    `results` maps (game, algo) to a run result. Figure objects only (the caller's matplotlib
+    backend is untouched); PNGs written atomically."""
+    from matplotlib.figure import Figure
+
+    from gmrl.stats import mean_ci
+
+    figures = []
+    for game in games:
+        fig = Figure(figsize=(15, 4))
+        axes = fig.subplots(1, 3)
+        for algo in ALGOS:
+            result = results.get((game, algo))
+            if not result or not result.get("rows"):
+                continue
+            for ax, name in zip(axes, ("episode_return", "gamma", "lam"), strict=True):
+                if name != "episode_return" and algo == "a2c":
+                    continue
+                frames, values = _curves(result["rows"], name)
+                color = f"C{ALGOS.index(algo)}"  # the same colour for an algorithm everywhere
+                if values.shape[0] >= 2:
+                    mean, half = mean_ci(_fill_nan(values), axis=0)
+                    ax.fill_between(frames, mean - half, mean + half, alpha=0.25, color=color)
+                else:
+                    mean = values[0]
+                ax.plot(frames, mean, label=algo, color=color)
+        for ax, title in zip(axes, ("episode return", "meta-learned γ", "meta-learned λ"),
+                             strict=True):
+            ax.set_title(f"{game}: {title}")
+            ax.set_xlabel("frames per seed")
+            ax.legend()
+        fig.tight_layout()
+        figures.append(io.atomic_savefig(fig, out / f"{game}.png", dpi=100))
+    return figures
+
+
+def _settings_line(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """The settings of the runs as stored, e.g. '64 envs × 5 steps, K = 3 inner steps (mgrl)'."""
+    parts = []
+    for key in sorted({(s["settings"].get("num_envs"), s["settings"].get("num_steps"))
+                       for s in summaries if s.get("settings")}, key=str):
+        parts.append(f"{key[0]} envs × {key[1]} steps")
+    inner = sorted({s["settings"]["inner_steps"] for s in summaries
+                    if s.get("settings") and s.get("algo") != "a2c"})
+    if inner:
+        parts.append("K = " + "/".join(map(str, inner)) + " inner steps (mgrl, mgrl-lvc)")
+    lrs = sorted({s["settings"]["learning_rate"] for s in summaries if s.get("settings")})
+    if lrs:
+        parts.append("inner learning rate " + "/".join(f"{lr:g}" for lr in lrs))
+    return ", ".join(parts)
+
+
+def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence[str],
+           out: Path | None = None) -> str:
+    """report.md text: final return ± CI per game and algorithm, final γ and λ, frames/s; the
+    header gives the settings the stored runs actually used."""
+    from gmrl.stats import mean_ci
+
+    summaries = [r["summary"] for r in results.values() if r]
+    seeds = sorted({s["seeds"] for s in summaries})
+    frames = sorted({s["frames"] for s in summaries})
+    lines = ["# MGRL study: a2c vs mgrl vs mgrl-lvc", "",
+             f"{'/'.join(map(str, seeds)) or '?'} seeds, {'/'.join(map(str, frames)) or '?'} frames "
+             f"per seed, {_settings_line(summaries)}.",
+             "Final return: per seed, the mean episode return over the last 10% of logging "
+             "points; the table gives mean ± Student-t 95% half-width over seeds. γ and λ are the "
+             "meta-learned values at the end (mean over seeds).", "",
+             "| game | algo | final return | per seed | final γ | final λ | median frames/s |",
+             "|---|---|---|---|---|---|---|"]
+    for game in games:
+        for algo in ALGOS:
+            result = results.get((game, algo))
+            if not result:
+                lines.append(f"| {game} | {algo} | (not run) | | | | |")
+                continue
+            summary = result["summary"]
+            returns = np.array(summary["final_return_per_seed"])
+            if len(returns) >= 2:
+                mean, half = mean_ci(returns)
+                cell = f"{mean:.2f} ± {half:.2f}"
+            else:
+                cell = f"{returns[0]:.2f}"
+            meta = summary["final_meta_params_per_seed"]
+            lines.append(f"| {game} | {algo} | {cell} | {', '.join(f'{r:.1f}' for r in returns)} "
+                         f"| {np.mean(meta['gamma']):.4f} | {np.mean(meta['lam']):.4f} "
+                         f"| {summary['median_fps']:.0f} |")
+    figures = [f"`{g}.png`" for g in games if out is not None and (out / f"{g}.png").exists()]
+    lines += ["", "Figures: " + (", ".join(figures) or "none yet")
+              + " (return, γ and λ over frames; mean ± 95% CI over seeds).", ""]
+    return "\n".join(lines)
+
+
+def run_study(out: Path, games: Sequence[str], frames: int, seeds: int, log_points: int,
+              overrides: Mapping[str, Any] | None = None, *, backend: str = "local",
+              address: str | None = None, progress: bool = True, ray_init_kwargs=None) -> Path:
+    """Every algorithm on every game (finished runs come from the store, interrupted ones
+    continue from their checkpoints), then the figures and report.md."""
+    points = study_points(games, frames, seeds, log_points, overrides=overrides)
+    results = run(points, out, backend=backend, address=address, progress=progress,
+                  ray_init_kwargs=ray_init_kwargs)
+    by_run = {(p["env"], p["algo"]): r for p, r in zip(points, results, strict=True)}
+    plot_study(out, by_run, games)
+    return io.atomic_write_text(out / "report.md", report(by_run, games, out))
