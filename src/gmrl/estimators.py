@@ -26,19 +26,35 @@ Bias in Meta-Reinforcement Learning", Table 1).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gmrl.errors import InputError, require
+
 Array = jax.Array
 
-ESTIMATORS = ("exact", "dice", "loaded", "lvc", "maml")
-"""Names accepted wherever an estimator is chosen; `exact` is the closed-form objective."""
+BUILTIN = ("dice", "loaded", "lvc", "maml")
+"""The surrogates defined in this module. `ESTIMATORS`, `SAMPLED_ESTIMATORS` and `USES_CRITIC`
+are computed from the registry at every access (module `__getattr__`), so registered surrogates
+appear wherever an estimator is chosen (`metagrad.Ingredient`, `gmrl tabular`, `gmrl check`)."""
 
-SAMPLED_ESTIMATORS = ESTIMATORS[1:]
-USES_CRITIC = {"dice": False, "loaded": True, "lvc": True, "maml": True}
-"""Whether the estimator's surrogate uses a critic (baseline and bootstrap). DiCE uses V ≡ 0."""
+PLUGIN_VARIABLE = "GMRL_ESTIMATORS"
+"""Environment variable: comma-separated `.py` files or module names imported (once, at the first
+registry look-up) so that their `register(...)` calls take effect, e.g. for `gmrl tabular`."""
+
+ENTRY_POINT_GROUP = "gmrl.estimators"
+"""Installed packages may also declare entry points in this group; each names a module (imported)
+or a callable (called with no arguments) that registers surrogates."""
 
 
 def _check_1d(*arrays: Array | None) -> None:
@@ -133,10 +149,126 @@ def maml(log_prob: Array, advantages: Array, discounts: Array, mask: Array | Non
     return jnp.sum(_masked(time_discounts(discounts) * advantages * log_prob, mask))
 
 
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    """A surrogate in the registry: `fn` has the signature of one of this module's functions
+    (keyword arguments among log_prob, behaviour_log_prob, rewards, advantages, discounts, mask,
+    lam); `uses_critic` says whether it wants advantages G_t − V(s_t) and the bootstrap V(s_T)
+    (False: advantages are plain reward-to-go and the finite oracle has no bootstrap)."""
+
+    name: str
+    fn: Callable[..., Array]
+    uses_critic: bool
+    parameters: tuple[str, ...]
+
+
+ARGUMENTS = ("log_prob", "behaviour_log_prob", "rewards", "advantages", "discounts", "mask", "lam")
+_REGISTRY: dict[str, Registered] = {}
+_plugins_loaded = False
+
+
+def register(name: str, fn: Callable[..., Array], *, uses_critic: bool,
+             overwrite: bool = False) -> Callable[..., Array]:
+    """Add the surrogate `fn` under `name`, usable as any ingredient (`metagrad.Ingredient(name,
+    N)`, `gmrl tabular --inner NAME:N`) and as a candidate explanation in `gmrl check`.
+
+    `fn` works on ONE trajectory like `dice`/`lvc` above and returns a scalar []; gmrl calls it with
+    the keyword arguments its signature names (see `ARGUMENTS`; positional names must be among
+    them). Returns `fn`, so `register` also works as `functools.partial(register, ...)` decorator.
+    """
+    require(isinstance(name, str) and name.isidentifier(),
+            f"an estimator name must be an identifier, got {name!r}")
+    require(name not in ("exact",) + BUILTIN, f"{name!r} is a built-in estimator; choose another name")
+    require(overwrite or name not in _REGISTRY,
+            f"estimator {name!r} is already registered (pass overwrite=True to replace it)")
+    require(callable(fn), f"the surrogate for {name!r} must be callable, got {type(fn).__name__}")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        raise InputError(f"cannot read the signature of the surrogate {name!r}") from None
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = tuple(p for p in params if params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                               inspect.Parameter.VAR_KEYWORD))
+    unknown = [p for p in named if p not in ARGUMENTS and params[p].default is inspect.Parameter.empty]
+    require(not unknown, f"the surrogate {name!r} has required argument(s) {unknown} that gmrl "
+            f"cannot supply; allowed: {', '.join(ARGUMENTS)}")
+    require("log_prob" in named or accepts_any,
+            f"the surrogate {name!r} must take log_prob (the differentiable log π_θ(a_t|s_t))")
+    parameters = ARGUMENTS if accepts_any else tuple(p for p in named if p in ARGUMENTS)
+    _REGISTRY[name] = Registered(name, fn, bool(uses_critic), parameters)
+    return fn
+
+
+def unregister(name: str) -> None:
+    """Remove a registered surrogate (built-ins cannot be removed)."""
+    require(name in _REGISTRY, f"estimator {name!r} is not registered")
+    del _REGISTRY[name]
+
+
+def registered() -> dict[str, Registered]:
+    """The user-registered surrogates by name (after loading plugins)."""
+    _load_plugins()
+    return dict(_REGISTRY)
+
+
+def _import_plugin(spec: str) -> None:
+    if spec.endswith(".py"):
+        require(os.path.isfile(spec), f"{PLUGIN_VARIABLE}: file {spec!r} does not exist")
+        module_name = f"gmrl_plugin_{abs(hash(os.path.abspath(spec)))}"
+        loader = importlib.util.spec_from_file_location(module_name, spec)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)
+
+
+def _load_plugins() -> None:
+    """Import the `GMRL_ESTIMATORS` files/modules and `gmrl.estimators` entry points, once."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    specs = [s.strip() for s in os.environ.get(PLUGIN_VARIABLE, "").split(",") if s.strip()]
+    for spec in specs:
+        try:
+            _import_plugin(spec)
+        except InputError:
+            raise
+        except Exception as err:  # a user's plugin: report it in one line
+            raise InputError(f"{PLUGIN_VARIABLE}: importing {spec!r} failed: "
+                             f"{type(err).__name__}: {err}") from None
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+            if callable(loaded) and not inspect.ismodule(loaded):
+                loaded()
+        except Exception as err:
+            raise InputError(f"entry point {entry.name!r} ({ENTRY_POINT_GROUP}) failed: "
+                             f"{type(err).__name__}: {err}") from None
+
+
+def __getattr__(name: str):
+    """ESTIMATORS, SAMPLED_ESTIMATORS and USES_CRITIC, computed from the registry at each access."""
+    if name == "SAMPLED_ESTIMATORS":
+        _load_plugins()
+        return BUILTIN + tuple(_REGISTRY)
+    if name == "ESTIMATORS":
+        _load_plugins()
+        return ("exact",) + BUILTIN + tuple(_REGISTRY)
+    if name == "USES_CRITIC":
+        _load_plugins()
+        return {"dice": False, "loaded": True, "lvc": True, "maml": True,
+                **{n: r.uses_critic for n, r in _REGISTRY.items()}}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def surrogate(name: str, *, log_prob: Array, behaviour_log_prob: Array | None, rewards: Array,
               advantages: Array, discounts: Array, mask: Array | None = None,
               lam: float = 1.0) -> Array:
-    """The surrogate `name` ∈ SAMPLED_ESTIMATORS for one trajectory (arguments as above). Returns []."""
+    """The surrogate `name` ∈ SAMPLED_ESTIMATORS for one trajectory (arguments as above). Returns [].
+
+    A registered surrogate receives the keyword arguments its signature names.
+    """
     if name == "dice":
         return dice(log_prob, behaviour_log_prob, rewards, discounts, mask)
     if name == "loaded":
@@ -145,4 +277,11 @@ def surrogate(name: str, *, log_prob: Array, behaviour_log_prob: Array | None, r
         return lvc(log_prob, behaviour_log_prob, advantages, discounts, mask)
     if name == "maml":
         return maml(log_prob, advantages, discounts, mask)
-    raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(SAMPLED_ESTIMATORS)}")
+    _load_plugins()
+    if name in _REGISTRY:
+        entry = _REGISTRY[name]
+        values = dict(log_prob=log_prob, behaviour_log_prob=behaviour_log_prob, rewards=rewards,
+                      advantages=advantages, discounts=discounts, mask=mask, lam=lam)
+        return entry.fn(**{k: values[k] for k in entry.parameters})
+    allowed = BUILTIN + tuple(_REGISTRY)
+    raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(allowed)}")

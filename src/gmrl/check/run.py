@@ -1,0 +1,326 @@
+"""`gmrl.check`: run a user's meta-gradient function under the exact oracle and diagnose it.
+
+The user's R estimates per MDP are compared with the exact float64 meta-gradient of the T-step
+objective J_T the episodes estimate (`metagrad.exact_meta_gradient`, finite oracle, no bootstrap),
+giving bias2 ± CI, variance, corr and MSE (`gmrl.stats`), and with the expectations of the known
+explanations computed on the same tasks with the user's recorded sample sizes
+(`gmrl.check.candidates`), which `gmrl.check.diagnosis` tests under Holm's rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import enable_x64
+
+from gmrl import metagrad as mg
+from gmrl import stats
+from gmrl.check import candidates as cand
+from gmrl.check.diagnosis import Diagnosis, diagnose
+from gmrl.check.task import JaxTask, Recorder, SampleError, Task
+from gmrl.envs import tabular
+from gmrl.errors import InputError, require
+from gmrl.evaluate import problem_set
+
+JAX_ATTRIBUTE = "__gmrl_jax__"
+
+
+def jax_function(fn: Callable) -> Callable:
+    """Mark `fn(task, key)` as a JAX function: gmrl vmaps and jits it over repeats and MDPs."""
+    setattr(fn, JAX_ATTRIBUTE, True)
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """What `check` found. Arrays are float64 NumPy; M MDPs, R repeats, S states, A actions.
+
+    summary: `gmrl.stats.summarize` of the estimates against `exact` (pooled figures and `per_mdp`);
+    exact [M, S, A]; estimates [M, R, S, A]; candidates: name -> expected meta-gradient [M, S, A];
+    calls: the episode counts of the sample calls of the first estimate, grouped by the θ they
+    were drawn at; diagnosis; seconds: user (all estimates), per_estimate, candidates, total.
+    """
+
+    config: dict
+    summary: dict
+    exact: np.ndarray
+    estimates: np.ndarray
+    candidates: dict
+    calls: list
+    diagnosis: Diagnosis
+    seconds: dict
+
+    @property
+    def label(self) -> str:
+        return self.diagnosis.label
+
+    @property
+    def bias2(self) -> tuple[float, float, float]:
+        """Pooled bias2 and its 95% CI (low, high)."""
+        s = self.summary
+        return s["bias2"], s["bias2_ci_low"], s["bias2_ci_high"]
+
+    @property
+    def variance(self) -> float:
+        return self.summary["variance"]
+
+    @property
+    def corr(self) -> float:
+        return self.summary["corr"]
+
+    @property
+    def mse(self) -> float:
+        """Mean over MDPs, repeats and coordinates of (ĝ − g*)² (bias² + variance)."""
+        return float(np.mean((self.estimates - self.exact[:, None]) ** 2))
+
+    def to_json(self) -> dict:
+        summary = {k: v for k, v in self.summary.items() if k != "per_mdp"}
+        return {"config": self.config, "summary": summary | {"mse": self.mse},
+                "per_mdp": self.summary["per_mdp"], "diagnosis": self.diagnosis.to_json(),
+                "calls": self.calls, "seconds": self.seconds, "exact_meta_gradient": self.exact,
+                "mean_estimate": self.estimates.mean(1),
+                "candidates": self.candidates}
+
+    def report(self) -> str:
+        """Statistics, per MDP and pooled, then the diagnosis (what `gmrl check` prints)."""
+        s, per = self.summary, self.summary["per_mdp"]
+        lines = [f"{'mdp':>5} {'corr':>8} {'variance':>11} {'bias2 ± 95% CI':>24}"]
+        for m in range(len(per["corr"])):
+            lines.append(f"{m:>5} {per['corr'][m]:>8.4f} {per['variance'][m]:>11.4g} "
+                         f"{per['bias2'][m]:>12.4g} ± {1.96 * per['bias2_se'][m]:<10.3g}")
+        half = (s["bias2_ci_high"] - s["bias2_ci_low"]) / 2
+        lines.append(f"{'all':>5} {s['corr']:>8.4f} {s['variance']:>11.4g} "
+                     f"{s['bias2']:>12.4g} ± {half:<10.3g}   mse {self.mse:.4g}")
+        d = self.diagnosis
+        lines += ["", f"diagnosis: {d.message}", f"rule: {d.rule}"]
+        lines += [f"  consistent  {t.describe()}" for t in d.consistent]
+        lines += [f"  rejected    {t.describe()}" for t in d.rejected]
+        lines += [f"note: {n}" for n in d.notes]
+        return "\n".join(lines)
+
+
+def _user_location(fn: Callable, err: BaseException) -> str:
+    """' (at file.py:LINE)' for the innermost frame of the user's file, if any."""
+    try:
+        path = inspect.getsourcefile(fn)
+    except TypeError:
+        path = None
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = [f for f in frames if path and os.path.abspath(f.filename) == os.path.abspath(path)]
+    frame = mine[-1] if mine else None
+    return f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+
+
+def _call(fn: Callable, task, rng, where: str):
+    name = getattr(fn, "__name__", "function")
+    try:
+        return fn(task, rng)
+    except SampleError as err:
+        raise InputError(f"{name}{where}: {err}") from None
+    except InputError:
+        raise
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"your function {name} raised {type(err).__name__}"
+                         f"{': ' + message if message else ''}{_user_location(fn, err)}{where}") from None
+
+
+def _as_estimate(value: Any, shape: tuple[int, int], name: str, where: str) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}{where} returned {type(value).__name__}, not an array of numbers "
+                         f"of shape [S, A] = {shape}") from None
+    require(array.shape == shape,
+            f"{name}{where} returned shape {array.shape}; expected [S, A] = {shape}")
+    require(bool(np.all(np.isfinite(array))), f"{name}{where} returned NaN or infinity")
+    return array
+
+
+def _python_estimates(fn, tasks: list[Task], repeats: int, seed: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    name = getattr(fn, "__name__", "function")
+    count = len(tasks)
+    shape = tasks[0].R.shape
+    out = np.empty((count, repeats) + shape)
+    groups, notes = None, []
+    bar = tqdm(total=count * repeats, desc=f"gmrl check {name}", unit="estimate",
+               disable=not progress, leave=False)
+    with bar:
+        for m, task in enumerate(tasks):
+            for r in range(repeats):
+                task.recorder.sizes.clear()
+                task.recorder.thetas.clear()
+                rng = np.random.default_rng([seed, m, r])
+                where = f" (MDP {m}, repeat {r})"
+                out[m, r] = _as_estimate(_call(fn, task, rng, where), shape, name, where)
+                require(task.recorder.sizes, f"{name}{where} never called task.sample: gmrl "
+                        "cannot tell which sample sizes its estimate used")
+                current = task.recorder.groups()
+                if groups is None:
+                    groups = current
+                elif current != groups and not notes:
+                    notes.append(f"the sample calls differ between estimates ({groups} first, "
+                                 f"{current} at MDP {m}, repeat {r}); the candidates use the first")
+                bar.update()
+    return out, groups, notes
+
+
+def _jax_estimates(fn, mdps: tabular.TabularMDP, phis, horizon, steps, lr, problem, repeats, seed):
+    name = getattr(fn, "__name__", "function")
+    shape = phis.shape[1:]
+
+    def task_of(mdp, phi, recorder):
+        return JaxTask(mdp.P, mdp.R, mdp.gamma, mdp.init_state, horizon, steps, lr, problem, phi,
+                       recorder)
+
+    probe = Recorder(probe=True)
+    first = jax.tree.map(lambda x: x[0], mdps)
+    where = " (first estimate, run eagerly)"
+    _as_estimate(_call(fn, task_of(first, phis[0], probe), jax.random.key(seed), where), shape,
+                 name, where)
+    jax.effects_barrier()
+    require(probe.sizes, f"{name} never called task.sample: gmrl cannot tell which sample sizes "
+            "its estimate used")
+    traced = Recorder()
+
+    def one(key, mdp, phi):
+        return jnp.asarray(fn(task_of(mdp, phi, traced), key))
+
+    batched = jax.jit(jax.vmap(jax.vmap(one, in_axes=(0, None, None)), in_axes=(0, 0, 0)))
+    count = phis.shape[0]
+    keys = jax.random.split(jax.random.key(seed + 1), (count, repeats))
+    where = " (vmapped over repeats and MDPs)"
+    started = time.perf_counter()
+    try:
+        out = batched(keys, mdps, phis).block_until_ready()
+    except SampleError as err:
+        raise InputError(f"{name}{where}: {err}") from None
+    except InputError:
+        raise
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"your function {name} raised {type(err).__name__}"
+                         f"{': ' + message if message else ''}{_user_location(fn, err)}{where}; "
+                         "a function marked as JAX must be traceable (jit/vmap)") from None
+    first_seconds = time.perf_counter() - started
+    out = np.asarray(out, np.float64)
+    require(out.shape == (count, repeats) + shape,
+            f"{name}{where} returned shape {out.shape[2:]}; expected [S, A] = {shape}")
+    require(bool(np.all(np.isfinite(out))), f"{name}{where} returned NaN or infinity")
+    notes = []
+    if traced.sizes != probe.sizes:
+        notes.append(f"traced sample sizes {traced.sizes} differ from the eager run's {probe.sizes}")
+    # the steady-state cost per estimate: a second, compiled call
+    started = time.perf_counter()
+    batched(jax.random.split(jax.random.key(seed + 2), (count, repeats)), mdps, phis).block_until_ready()
+    steady = time.perf_counter() - started
+    return out, probe.groups(), notes, first_seconds, steady
+
+
+def _problem(seed, cfg, mdps, states, actions, gamma, mdp, theta0):
+    if isinstance(theta0, str):
+        require(theta0 in ("zeros", "normal"),
+                f"theta0 must be 'zeros', 'normal' or an [S, A] array, got {theta0!r}")
+    if "theta0" in inspect.signature(problem_set).parameters:
+        return problem_set(seed, cfg, mdps, states, actions, gamma, mdp, theta0=theta0)
+    mdp_set, phis = problem_set(seed, cfg, mdps, states, actions, gamma, mdp)
+    with jax.enable_x64(True):
+        if cfg.problem == "lirpg" or (isinstance(theta0, str) and theta0 == "zeros"):
+            phis = jnp.zeros_like(phis)
+        elif not isinstance(theta0, str):
+            table = np.asarray(theta0, np.float64)
+            require(table.shape == phis.shape[1:],
+                    f"theta0 must have shape [S, A] = {phis.shape[1:]}, got {table.shape}")
+            phis = jnp.broadcast_to(jnp.asarray(table), phis.shape)
+    return mdp_set, phis
+
+
+def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0, mdps: int = 10,
+          repeats: int = 50, theta0: Any = "zeros", seed: int = 0, jax: bool | None = None,
+          horizon: int = 20, gamma: float = 0.8, states: int = 20, actions: int = 5,
+          mdp: tabular.TabularMDP | None = None, candidate_repeats: int | None = None,
+          alpha: float = 0.05, progress: bool = True) -> CheckResult:
+    """Run `fn(task, rng)` `repeats` times on each of `mdps` tasks and diagnose its meta-gradient.
+
+    problem "maml" (φ = θ_0, `theta0` "zeros" | "normal" | [S, A]) or "lirpg" (φ = 0 intrinsic
+    reward, θ_0 = 0); K = `steps` inner steps of size α = `lr`; random reference MDPs (S, A, γ,
+    T = `horizon`) or the user's `mdp`. `jax`: True for a JAX function (vmapped and jitted), False
+    for a Python one (called in a loop, rng a numpy Generator); None reads the `jax_function`
+    mark. `candidate_repeats`: Monte-Carlo draws per MDP for each explanation's expectation
+    (default max(1000, 20·repeats)). `alpha`: Holm's family-wise error. Raises InputError for bad
+    arguments or a user function that raises, returns a wrong shape or NaN, or misuses
+    `task.sample`.
+    """
+    use_jax = getattr(fn, JAX_ATTRIBUTE, False) if jax is None else bool(jax)
+    require(callable(fn), f"fn must be callable, got {type(fn).__name__}")
+    require(isinstance(repeats, int) and repeats >= 3,
+            f"repeats must be an integer >= 3 (bias2 needs 3), got {repeats!r}")
+    require(isinstance(mdps, int) and mdps >= 1, f"mdps must be an integer >= 1, got {mdps!r}")
+    require(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha}")
+    candidate_repeats = max(1000, 20 * repeats) if candidate_repeats is None else candidate_repeats
+    require(isinstance(candidate_repeats, int) and candidate_repeats >= 10,
+            f"candidate_repeats must be an integer >= 10, got {candidate_repeats!r}")
+    cfg = mg.MetaGradConfig(problem=problem, steps=steps, lr=float(lr), horizon=horizon,
+                            oracle="finite")
+    started = time.perf_counter()
+    mdp_set, phis = _problem(seed, cfg, mdps, states, actions, gamma, mdp, theta0)
+    count = phis.shape[0]
+    with enable_x64(True):
+        exact = np.asarray(mg.batched_exact(cfg, "dice")(mdp_set, phis))
+    shape = phis.shape[1:]
+    user_started = time.perf_counter()
+    if use_jax:
+        with enable_x64(True):
+            estimates, groups, notes, first, steady = _jax_estimates(
+                fn, mdp_set, phis, horizon, steps, float(lr), problem, repeats, seed)
+        user_seconds = first
+        per_estimate = steady / (count * repeats)
+    else:
+        tasks = [Task(np.asarray(mdp_set.P[m]), np.asarray(mdp_set.R[m]),
+                      float(mdp_set.gamma[m]), int(mdp_set.init_state[m]), horizon, steps,
+                      float(lr), problem, np.asarray(phis[m])) for m in range(count)]
+        estimates, groups, notes = _python_estimates(fn, tasks, repeats, seed, progress)
+        user_seconds = time.perf_counter() - user_started
+        per_estimate = user_seconds / (count * repeats)
+    structure, structure_notes = cand.structure_from_calls(groups, steps)
+    cand_started = time.perf_counter()
+    variants = cand.variants(problem)
+    means, mean_vars = cand.expectations(mdp_set, phis, problem, float(lr), horizon, structure,
+                                         variants, candidate_repeats, seed + 7919)
+    cand_seconds = time.perf_counter() - cand_started
+    flat = estimates.reshape(count, repeats, -1)
+    summary = stats.summarize(flat, exact.reshape(count, -1))
+    notes = list(notes) + structure_notes
+    if problem == "lirpg":
+        notes.append("lirpg: the vanilla log-prob and LVC surrogates have the same θ-gradient as "
+                     "DiCE / Loaded DiCE for every φ, so they are not separate explanations here")
+    diagnosis = diagnose(flat, means, mean_vars, [v.name for v in variants],
+                         [v.label for v in variants], alpha, notes)
+    config = {"function": getattr(fn, "__name__", "function"), "path": "jax" if use_jax else "python",
+              "problem": problem, "steps": steps, "lr": float(lr), "mdps": count, "repeats": repeats,
+              "theta0": theta0 if isinstance(theta0, str) else np.asarray(theta0).tolist(),
+              "seed": seed, "horizon": horizon, "gamma": float(np.asarray(mdp_set.gamma)[0]),
+              "states": int(shape[0]), "actions": int(shape[1]),
+              "candidate_repeats": candidate_repeats, "alpha": alpha,
+              "structure": {"value_sizes": structure.value_sizes,
+                            "jacobian_sizes": structure.jacobian_sizes},
+              "truth": "exact float64 meta-gradient of the T-step objective J_T (no bootstrap)"}
+    return CheckResult(
+        config=config, summary=summary, exact=exact, estimates=estimates,
+        candidates={v.name: means[:, i].reshape((count,) + shape) for i, v in enumerate(variants)},
+        calls=groups, diagnosis=diagnosis,
+        seconds={"user": user_seconds, "per_estimate": per_estimate, "candidates": cand_seconds,
+                 "total": time.perf_counter() - started})
