@@ -8,6 +8,7 @@ a module's top-level commands without importing it; a module missing there is im
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -28,6 +29,12 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 # `gmrl study NAME` -> module, for the names known without importing (the rest: every module).
 LAZY_STUDIES: dict[str, str] = {"lola": "lola", "mgrl": "mgrl"}
+
+# Modules of the optional extras: a command that needs a missing one says which extra to install.
+EXTRA_OF_MODULE = {"optax": "rl", "flax": "rl", "gymnax": "rl", "gymnasium": "rl", "six": "rl",
+                   "tensorboardX": "rl", "ray": "ray"}
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST)
 
 _loaded: set[str] = set()
 
@@ -119,3 +126,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    except ModuleNotFoundError as err:
+        extra = EXTRA_OF_MODULE.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        click.echo(f"gmrl: error: this command needs the package {err.name!r} of the optional "
+                   f"extra gmrl[{extra}]; install it with: pip install 'gmrl[{extra}]'", err=True)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in _DISK_ERRORS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        click.echo(f"gmrl: error: cannot write{where}: {err.strerror}; free space or give an "
+                   "output folder you can write to (completed files are left whole)", err=True)
+        sys.exit(2)
