@@ -278,3 +278,85 @@ def test_report_and_figures_from_summaries(tmp_path):
     assert "(comp1024-hess128) does not significantly change" in report
     assert (tmp_path / "joint_score.png").stat().st_size > 0
     assert (tmp_path / "correlation.png").stat().st_size > 0
+
+
+def _numbers(result):
+    """A stored LOLA result without its timings."""
+    return json.dumps({k: v for k, v in result.items()
+                       if k not in ("compile_seconds", "run_seconds")}, sort_keys=True)
+
+
+STUDY_VARIANTS = ("inner-exact-outer-exact", "inner-exact")
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_lola_study_on_ray_gives_the_same_numbers_as_local(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import shutil
+    import tempfile
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    points = lola_runs.study_points(list(STUDY_VARIANTS), seeds=2, updates=3, seed=1)
+    local = lola_runs.run(points, tmp_path / "local", chunk=3, progress=False)
+    temp_dir = tempfile.mkdtemp(prefix="gmrlray", dir="/tmp")
+    try:
+        remote = lola_runs.run(points, tmp_path / "ray", chunk=3, backend="ray", progress=False,
+                               ray_init_kwargs={"num_cpus": 2, "_temp_dir": temp_dir})
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert [_numbers(r) for r in remote] == [_numbers(r) for r in local]
+    again = lola_runs.run(points, tmp_path / "local", chunk=1, progress=False)  # from the store
+    assert [_numbers(r) for r in again] == [_numbers(r) for r in local]
+
+
+def _stored_rows(path):
+    import sqlite3
+
+    try:
+        with sqlite3.connect(path, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGKILL", marks=pytest.mark.slow)])
+def test_interrupted_lola_study_resumes_from_the_store_to_the_same_numbers(tmp_path, sig):
+    import signal
+    import time
+    from pathlib import Path
+
+    from gmrl.store import ResultStore
+
+    gmrl = Path(sys.executable).parent / "gmrl"
+    argv = [str(gmrl), "study", "lola", "--variants", ",".join(STUDY_VARIANTS), "--seeds", "2",
+            "--updates", "3", "--chunk", "3", "--cpu-devices", "1", "--no-progress"]
+    out = tmp_path / "study"
+    process = subprocess.Popen(argv + ["--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while _stored_rows(out / "results.sqlite") < 1:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, sig))
+    _, err = process.communicate(timeout=120)
+    if sig == "SIGINT":
+        assert process.returncode == 130 and "re-run the same command to resume" in err, err
+    if _stored_rows(out / "results.sqlite") == len(STUDY_VARIANTS):
+        pytest.skip("the second variant finished before the signal arrived")
+    done = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    points = lola_runs.study_points(list(STUDY_VARIANTS), seeds=2, updates=3, seed=0)
+    whole = lola_runs.run(points, tmp_path / "whole", chunk=3, progress=False)
+    with ResultStore(out / "results.sqlite") as store:
+        assert len(store) == len(STUDY_VARIANTS)
+        resumed = [store.get(lola_runs_key(p)).result for p in points]
+    assert [_numbers(r) for r in resumed] == [_numbers(r) for r in whole]
+    assert (out / "report.md").exists() and (out / "correlation.png").exists()
+
+
+def lola_runs_key(point):
+    from gmrl.store import config_key
+
+    return config_key(point)

@@ -18,7 +18,7 @@ import click
 from gmrl.errors import InputError
 
 # Modules under gmrl.commands; each defines `register(cli: click.Group, study: click.Group)`.
-COMMAND_MODULES: list[str] = ["tabular", "lola", "study", "mgrl"]
+COMMAND_MODULES: list[str] = ["tabular", "lola", "study", "mgrl", "check"]
 
 # Top-level command name -> (module that registers it, one-line help shown by `gmrl --help`).
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +26,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "lola": ("lola", "LOLA-DiCE on the iterated prisoner's dilemma, with the exact LOLA gradient."),
     "mgrl": ("mgrl", "Train A2C, MGRL or MGRL-LVC on a gymnax environment."),
     "plot": ("study", "Redraw figures, results.csv and report.md from DIR/results.sqlite."),
+    "check": ("check", "Check FILE.py:FUNCTION, a meta-gradient fn(task, rng) -> [S, A], against "
+                       "the exact one."),
 }
 # `gmrl study NAME` -> module, for the names known without importing (the rest: every module).
 LAZY_STUDIES: dict[str, str] = {"lola": "lola", "mgrl": "mgrl"}
