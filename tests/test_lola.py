@@ -360,3 +360,9 @@ def lola_runs_key(point):
     from gmrl.store import config_key
 
     return config_key(point)
+
+
+def test_cli_replay_modes_match_the_library():
+    from gmrl.commands import lola as command
+
+    assert command.REPLAY_MODES == lola.REPLAY_MODES

@@ -215,8 +215,9 @@ def _run_ray(groups, point_fn, batch_fn, address, ray_init_kwargs) -> Iterator[G
         return
     try:
         import ray
-    except ImportError as err:  # pragma: no cover - ray is a pinned dependency
-        raise InputError(f"backend 'ray' needs the ray package ({err})") from None
+    except ImportError as err:  # ray is the optional extra gmrl[ray]
+        raise InputError(f"backend 'ray' needs the ray package ({err}); install it with: "
+                         "pip install 'gmrl[ray]'") from None
     started_here = not ray.is_initialized()
     if started_here:
         _init_ray(ray, address, ray_init_kwargs)
