@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("x64")
 
 def problem(seed=0, S=5, A=3, problem="maml"):
     mdp = tabular.random_mdp(jax.random.key(seed), S, A, 0.8, concentration=0.5)
-    phi = mg.initial_meta_params(jax.random.key(seed + 100), mdp, problem)
+    theta0 = "normal" if problem == "maml" else "zeros"  # a non-uniform θ0 exercises more of the code
+    phi = mg.initial_meta_params(jax.random.key(seed + 100), mdp, problem, theta0)
     return mdp, phi
 
 

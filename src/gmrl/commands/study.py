@@ -1,8 +1,7 @@
-"""`gmrl study NAME` for the reference tabular studies, and `gmrl plot DIR`."""
+"""`gmrl study NAME` and `gmrl study all` for the reference tabular studies, and `gmrl plot DIR`."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -11,25 +10,16 @@ from gmrl.errors import require
 from gmrl.studies import tabular as studies
 
 
-def _write_outputs(out: Path, study: str | None = None, seconds: float | None = None) -> list[Path]:
-    """CSV, figures and report.md for every study in DIR's store (or only `study`)."""
-    from gmrl.studies import plots, report
+def _theta0(text: str):
+    """zeros | normal | FILE.npy holding an [S, A] = [20, 5] table (as nested lists in the config)."""
+    from gmrl.commands.tabular import parse_theta0
 
-    rows = plots.load_rows(out)
-    names = [study] if study else sorted({r["study"] for r in rows if r.get("study") in
-                                          studies.STUDIES})
-    require(bool(names), f"the store in {out} holds no tabular study rows")
-    written = [plots.write_csv(out)]
-    for name in names:
-        written += plots.plot_study(rows, name, out)
-        written.append(report.write_report(rows, name, out / (
-            "report.md" if len(names) == 1 else f"report_{name}.md"), seconds))
-    return written
+    value = parse_theta0(text, 20, 5)
+    return value if isinstance(value, str) else value.tolist()
 
 
-def _study_command(name: str) -> click.Command:
-    @click.command(name=name, help=f"The reference tabular study `{name}` (issue 3; DESIGN §5). "
-                                   "Resumable: re-running computes only the missing points.")
+def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.Command:
+    @click.command(name=name, help=help_text)
     @click.option("--quick", is_flag=True, help="Fewer grid values (CI scale, about a minute).")
     @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
                   show_default=True, help="local: in-process, vectorised; ray: a task per group.")
@@ -38,33 +28,29 @@ def _study_command(name: str) -> click.Command:
                   show_default=True, help="Folder for results.sqlite, results.csv, PNGs, report.md.")
     @click.option("--oracle", type=click.Choice(["infinite", "finite"]), default="infinite",
                   show_default=True, help="finite: exact expectations of the sampled surrogates.")
+    @click.option("--theta0", default="zeros", show_default=True,
+                  help="MAML's θ0: zeros (as in the reference), normal (N(0,1) per MDP) or FILE.npy [20, 5].")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--progress/--no-progress", default=True, show_default=True)
     @click.option("--mdps", type=click.IntRange(min=1), default=None, hidden=True,
                   help="Testing: MDPs per point instead of the study's.")
-    @click.option("--repeats", type=click.IntRange(min=2), default=None, hidden=True,
-                  help="Testing: repeats per MDP instead of the study's.")
+    @click.option("--repeats", type=click.IntRange(min=3), default=None, hidden=True,
+                  help="Testing: repeats per MDP instead of the study's (>= 3: bias2 needs 3).")
     @click.option("--max-groups", type=click.IntRange(min=1), default=None, hidden=True,
-                  help="Testing: only the points of the first N compiled programs.")
-    def command(quick, backend, address, out, oracle, seed, progress, mdps, repeats, max_groups):
-        from gmrl.store import ResultStore
-        from gmrl.sweep import run_sweep
+                  help="Testing: only the points of the first N compiled programs per study.")
+    def command(quick, backend, address, out, oracle, theta0, seed, progress, mdps, repeats,
+                max_groups):
+        from gmrl.studies.run import run_studies
 
         require(address is None or backend == "ray", "--address applies only to --backend ray")
-        require(not out.exists() or out.is_dir(), f"--out must be a folder, got the file {out}")
-        out.mkdir(parents=True, exist_ok=True)
         overrides = {k: v for k, v in (("mdps", mdps), ("repeats", repeats)) if v is not None}
-        points = studies.study_points(name, quick, oracle, seed, overrides, max_groups)
-        started = time.perf_counter()
-        with ResultStore(out / "results.sqlite") as store:
-            summary = run_sweep(points, studies.compute_point, store, backend=backend,
-                                address=address, batch_fn=studies.batch_points,
-                                group_key=studies.group_key, progress=progress,
-                                description=f"study {name}")
-        seconds = time.perf_counter() - started
+        summary, seconds, written = run_studies(
+            names, out, quick=quick, oracle=oracle, seed=seed, theta0=_theta0(theta0),
+            backend=backend, address=address, progress=progress, overrides=overrides,
+            max_groups=max_groups)
         click.echo(f"gmrl study {name}: {summary.computed} points computed, {summary.skipped} "
                    f"already stored, {seconds:.1f} s")
-        for path in _write_outputs(out, name, seconds):
+        for path in written:
             click.echo(f"wrote {path}")
 
     return command
@@ -74,11 +60,18 @@ def _study_command(name: str) -> click.Command:
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def plot(directory: Path) -> None:
     """Redraw figures, results.csv and report.md from DIRECTORY/results.sqlite."""
-    for path in _write_outputs(directory):
+    from gmrl.studies.run import write_outputs
+
+    for path in write_outputs(directory):
         click.echo(f"wrote {path}")
 
 
 def register(cli, study) -> None:
     for name in studies.STUDIES:
-        study.add_command(_study_command(name))
+        study.add_command(_study_command(
+            name, (name,), f"The reference tabular study `{name}` (docs/studies.md). Resumable: "
+                           "re-running computes only the missing points."))
+    study.add_command(_study_command(
+        "all", studies.STUDIES, "All eight reference tabular studies at reference scale in one "
+                                "store, with a combined report.md of verdicts (docs/studies.md)."))
     cli.add_command(plot)

@@ -17,6 +17,15 @@ from gmrl.errors import require
 from gmrl.evaluate import evaluate, problem_set
 
 
+def parse_theta0(text: str, num_states: int, num_actions: int):
+    """`zeros`, `normal`, or the [S, A] table (float64 numpy) of the .npy file `text`."""
+    if text in mg.THETA0_CHOICES:
+        return text
+    require(text.endswith(".npy"),
+            f"--theta0 must be one of {', '.join(mg.THETA0_CHOICES)} or a FILE.npy, got {text!r}")
+    return tabular.load_theta(text, num_states, num_actions)
+
+
 def format_table(summary: dict) -> str:
     """One row per MDP and a pooled row: corr, std_sum, mse_of_mean, bias2 ± 95% half-width."""
     per = summary["per_mdp"]
@@ -59,11 +68,14 @@ def format_table(summary: dict) -> str:
               help="infinite: closed-form J; finite: J_T with the estimators' bootstrap.")
 @click.option("--loaded-lambda", type=float, default=1.0, show_default=True,
               help="Loaded DiCE λ (1 = unbiased).")
+@click.option("--theta0", default="zeros", show_default=True,
+              help="MAML's θ0: zeros (uniform policy, as in the reference study), normal (N(0,1) per "
+                   "MDP from --seed) or FILE.npy holding an [S, A] table.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write config, per-MDP figures, exact meta-gradients and mean estimates (JSON).")
 def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, actions, repeats,
-                    seed, mdp_file, inner, hessian, outer, oracle, loaded_lambda, out):
-    """Exact vs decomposed meta-gradient estimates on tabular MDPs (DESIGN §5, §6)."""
+                    seed, mdp_file, inner, hessian, outer, oracle, loaded_lambda, theta0, out):
+    """Exact vs decomposed meta-gradient estimates on tabular MDPs (docs/design.md)."""
     cfg = mg.MetaGradConfig(
         problem=problem, steps=steps, lr=lr, horizon=horizon, noise=noise,
         inner=mg.Ingredient.parse(inner), hessian=mg.Ingredient.parse(hessian),
@@ -74,19 +86,23 @@ def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, act
     if user_mdp is None:
         require(mdps >= 1, f"--mdps must be >= 1, got {mdps}")
         require(states >= 1 and actions >= 1, f"--states and --actions must be >= 1, got {states}, {actions}")
-    mdp_set, phis = problem_set(seed, cfg, mdps, states, actions, gamma, user_mdp)
+    shape = (states, actions) if user_mdp is None else user_mdp.R.shape
+    theta0_value = parse_theta0(theta0, *shape)
+    mdp_set, phis = problem_set(seed, cfg, mdps, states, actions, gamma, user_mdp, theta0_value)
     started = time.perf_counter()
     result = evaluate(cfg, mdp_set, phis, seed + 1, repeats)
     total = time.perf_counter() - started
     summary = result["summary"]
     click.echo(f"gmrl tabular: {problem}, K={steps}, α={lr}, T={horizon}, inner={cfg.inner}, "
-               f"hessian={cfg.hessian}, outer={cfg.outer}, oracle={oracle}")
+               f"hessian={cfg.hessian}, outer={cfg.outer}, oracle={oracle}, theta0={theta0}")
     click.echo(f"{summary['num_mdps']} MDP(s) × {repeats} repeats; {total:.1f} s including compilation")
     click.echo(format_table(summary))
     if out is not None:
         config = dataclasses.asdict(cfg) | {
             "gamma": float(np.asarray(mdp_set.gamma)[0]), "repeats": repeats, "seed": seed,
-            "num_mdps": summary["num_mdps"], "mdp_file": None if mdp_file is None else str(mdp_file)}
+            "num_mdps": summary["num_mdps"], "mdp_file": None if mdp_file is None else str(mdp_file),
+            "theta0": theta0 if isinstance(theta0_value, str) else {"file": theta0,
+                                                                    "table": theta0_value.tolist()}}
         io.atomic_write_json(out, {
             "gmrl_version": gmrl.__version__, "config": config,
             "summary": {k: v for k, v in summary.items() if k != "per_mdp"},
