@@ -230,6 +230,23 @@ def _jax_estimates(fn, mdps: tabular.TabularMDP, phis, horizon, steps, lr, probl
     return out, probe.groups(), notes, first_seconds, steady
 
 
+_CACHE: dict = {}
+_CACHE_KEEP = 4
+
+
+def _candidate_expectations(mdps, phis, problem, lr, horizon, structure, variants, repeats, seed):
+    """`candidates.expectations`, memoised on its inputs (a few entries): checking several
+    functions on the same tasks in one process computes the candidates once."""
+    digest = tuple(np.asarray(x).tobytes() for x in (mdps.P, mdps.R, mdps.gamma, mdps.init_state, phis))
+    key = (digest, problem, lr, horizon, structure, variants, repeats, seed)
+    if key not in _CACHE:
+        while len(_CACHE) >= _CACHE_KEEP:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = cand.expectations(mdps, phis, problem, lr, horizon, structure, variants,
+                                        repeats, seed)
+    return _CACHE[key]
+
+
 def _problem(seed, cfg, mdps, states, actions, gamma, mdp, theta0):
     if isinstance(theta0, str):
         require(theta0 in ("zeros", "normal"),
@@ -298,8 +315,8 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
     structure, structure_notes = cand.structure_from_calls(groups, steps)
     cand_started = time.perf_counter()
     variants = cand.variants(problem)
-    means, mean_vars = cand.expectations(mdp_set, phis, problem, float(lr), horizon, structure,
-                                         variants, candidate_repeats, seed + 7919)
+    means, mean_vars = _candidate_expectations(mdp_set, phis, problem, float(lr), horizon, structure,
+                                               tuple(variants), candidate_repeats, seed + 7919)
     cand_seconds = time.perf_counter() - cand_started
     flat = estimates.reshape(count, repeats, -1)
     summary = stats.summarize(flat, exact.reshape(count, -1))
