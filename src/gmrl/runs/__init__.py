@@ -79,7 +79,7 @@ def claim_folder(out: Path, config: Mapping[str, Any], what: str, option: str = 
         if saved.get("key") != key:
             other = saved.get("config")
             changed = (_differences(other, config) if isinstance(other, Mapping)
-                       else f"an unreadable {CONFIG_NAME}")
+                       else f"a {CONFIG_NAME} this gmrl does not recognise")
             require(False, f"{option} {out} holds a {what} with other settings ({changed}); "
                            f"give another {option}, or the same settings to resume it")
     atomic_write_json(previous, {"key": key, "config": config})
