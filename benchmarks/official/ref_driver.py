@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--script", required=True, help="script path inside the checkout")
     parser.add_argument("--record", required=True, help="output .npz")
     parser.add_argument("--logdir", required=True, help="the script's --logdir (a scratch folder)")
+    parser.add_argument("--float64", action="store_true",
+                        help="re-run in float64: the scripts cast P and R with Tensor.float(); this "
+                             "makes that cast (and new tensors' default dtype) float64 at run time")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -45,6 +48,9 @@ def main() -> None:
     folder, name = os.path.split(script)
     sys.path.insert(0, folder)
     module = importlib.import_module(os.path.splitext(name)[0])
+    if args.float64:
+        module.torch.set_default_dtype(module.torch.float64)
+        module.torch.Tensor.float = module.torch.Tensor.double
     mdp_module = importlib.import_module("tabular_mdp")
     imported = time.perf_counter()
 
