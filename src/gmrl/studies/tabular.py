@@ -56,28 +56,42 @@ COMP_STUDIES = ("comp-lr", "comp-samples", "comp-steps")
 
 
 def base_config(name: str, quick: bool, oracle: str, seed: int) -> dict[str, Any]:
-    """Reference defaults (10 MDPs × 20 repeats, S=20, A=5, γ=0.8, T=20, α=10, K=1, noise 1).
+    """Reference defaults (10 MDPs, S=20, A=5, γ=0.8, T=20, α=10, K=1, noise 1); REPEATS per MDP.
 
     --quick keeps 10 MDPs but takes 50 repeats (cheap once compiled) and trims the axes instead,
     so that its findings are statistically significant while compiling few programs.
     """
     return {"study": name, "problem": "maml", "estimator": "maml", "code": "lee", "samples": 32,
             "capacity": 32, "steps": 1, "lr": 10.0, "oracle": oracle, "hessian_error": 0.0,
-            "gae_lambda": 1.0, "mdps": 10, "repeats": 50 if quick else 20, "states": 20,
+            "gae_lambda": 1.0, "mdps": 10, "repeats": 50 if quick else REPEATS[name], "states": 20,
             "actions": 5, "gamma": 0.8, "horizon": 20, "noise": 1.0, "seed": seed,
             "theta0": "zeros", "max_steps": 1}
+
+
+# The compiled loop length K_max of each study: studies that share (estimator, capacity, K_max) and
+# the other program fields share compiled programs (numbers do not depend on K_max).
+MAX_STEPS = {"decompose": 2, "comp-samples": 2, "lr": 6, "steps": 6, "comp-lr": 6, "comp-steps": 6,
+             "hessian-bias": 3, "lirpg": 5}
+# Repeats per MDP at full scale: the reference's 20 where that decides the study's findings, more
+# where the bias is small against its noise (see docs/studies.md, "Repeats").
+REPEATS = {"decompose": 20, "lr": 20, "steps": 20, "comp-lr": 60, "comp-samples": 60,
+           "comp-steps": 100, "hessian-bias": 20, "lirpg": 40}
 
 
 def study_grids(name: str, quick: bool = False, oracle: str = "infinite", seed: int = 0,
                 theta0: str | list = "zeros") -> list[Grid]:
     """The grids of study `name` (the reference study's grids). --quick trims axes.
 
-    Every grid's `max_steps` is the largest K it sweeps, so that one program per estimator serves it.
+    `max_steps` (MAX_STEPS) is at least the largest K a grid sweeps, so that one program per
+    estimator serves it.
     """
     require(name in STUDIES, f"unknown study {name!r}; allowed: {', '.join(STUDIES)}")
     base = {**base_config(name, quick, oracle, seed), "theta0": theta0}
-    return [Grid({**g.base, "max_steps": max(g.axes.get("steps", [g.base["steps"]]))}, g.axes)
-            for g in _grids(name, quick, base)]
+    grids = _grids(name, quick, base)
+    for g in grids:
+        largest = max(g.axes.get("steps", [g.base["steps"]]))
+        g.base["max_steps"] = max(largest, MAX_STEPS[name])
+    return grids
 
 
 def _grids(name: str, quick: bool, base: dict[str, Any]) -> list[Grid]:
@@ -158,8 +172,22 @@ def metagrad_config(config: Mapping[str, Any]) -> mg.MetaGradConfig:
         gae_lambda=float(config["gae_lambda"]), hessian_error=1.0 if config["hessian_error"] else 0.0)
 
 
+SAME_INNER_GRADIENT = ("loaded", "lvc", "maml")
+"""On-policy, these three have the same gradient Σ_t γ^t A_t ∇log π_t and the same critic, so the
+code lee (only the inner gradient sampled) computes the same numbers for all three."""
+
+
+def compute_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config whose computation gives this point's numbers: lee of loaded/lvc/maml is computed
+    once, as maml (identical up to float64 rounding; see SAME_INNER_GRADIENT)."""
+    if config["code"] == "lee" and config["estimator"] in SAME_INNER_GRADIENT:
+        return {**config, "estimator": "maml"}
+    return config
+
+
 def group_key(config: Mapping[str, Any]) -> str:
     """Points that differ only in traced fields (`TRACED`) share one compiled program."""
+    config = compute_config(config)
     return repr(sorted((k, bool(v) if k == "hessian_error" else v) for k, v in config.items()
                        if k not in TRACED or k == "hessian_error"))
 
@@ -186,16 +214,46 @@ def _hashable(theta0):
     return theta0 if isinstance(theta0, str) else tuple(map(tuple, theta0))
 
 
+REPEAT_BLOCK = 10
+"""Repeats per call of a compiled program: every study calls its programs with the same shapes
+(when its repeats are a multiple of this), so studies share compiled programs."""
+EXACT_MAX_STEPS = 6
+
+
 @functools.lru_cache(maxsize=64)
-def _programs(cfg: mg.MetaGradConfig, with_path: bool):
-    estimate = mg.batched_estimates(cfg)
-    exact = mg.batched_exact(cfg, oracle_estimator(cfg))
-    path = None
-    if with_path:
-        path = jax.jit(jax.vmap(jax.vmap(
-            lambda key, mdp, phi, count, h: inner_path_error(key, cfg, mdp, phi, count, h),
-            in_axes=(0, None, None, None, None)), in_axes=(0, 0, 0, None, None)))
-    return estimate, exact, path
+def _estimate_program(cfg: mg.MetaGradConfig):
+    return mg.batched_estimates(cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_program(cfg: mg.MetaGradConfig):
+    """Exact meta-gradients; one program per (problem, oracle, bootstrap, T), K ≤ EXACT_MAX_STEPS."""
+    estimator = oracle_estimator(cfg)
+    exact = mg.Ingredient(estimator if cfg.oracle == "finite" else "exact")
+    canonical = dataclasses.replace(cfg, inner=exact, hessian=exact, outer=exact, noise=1.0,
+                                    steps=max(cfg.steps, EXACT_MAX_STEPS), gae_lambda=1.0,
+                                    hessian_error=0.0)
+    return _exact_canonical(canonical, estimator)
+
+
+@functools.lru_cache(maxsize=16)
+def _exact_canonical(cfg: mg.MetaGradConfig, estimator: str):
+    return mg.batched_exact(cfg, estimator)
+
+
+@functools.lru_cache(maxsize=64)
+def _path_program(cfg: mg.MetaGradConfig):
+    return jax.jit(jax.vmap(jax.vmap(
+        lambda key, mdp, phi, count, h: inner_path_error(key, cfg, mdp, phi, count, h),
+        in_axes=(0, None, None, None, None)), in_axes=(0, 0, 0, None, None)))
+
+
+def _in_blocks(program, keys, *args) -> np.ndarray:
+    """program(keys[:, block], *args) over blocks of REPEAT_BLOCK repeats, concatenated on axis 1."""
+    repeats = keys.shape[1]
+    block = REPEAT_BLOCK if repeats % REPEAT_BLOCK == 0 else repeats
+    return np.concatenate([np.asarray(program(keys[:, i:i + block], *args))
+                           for i in range(0, repeats, block)], axis=1)
 
 
 def inner_path_error(key: jax.Array, cfg: mg.MetaGradConfig, mdp, phi: jax.Array,
@@ -235,38 +293,46 @@ def batch_points(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Per point: corr, std_sum, mse_of_mean, bias2 (+ se, CI), variance (stats.summarize over
     M MDPs × R repeats), per-MDP bias2, and for the comp-* studies `param_error` [K] (mean over
-    MDPs and repeats of ‖θ̂_k − θ_k‖²) with its standard error.
+    MDPs and repeats of ‖θ̂_k − θ_k‖²) with its standard error. Points with the same
+    `compute_config` are computed once.
     """
-    first = configs[0]
+    first = compute_config(configs[0])
     require(all(group_key(c) == group_key(first) for c in configs),
             "batch_points needs points that differ only in " + ", ".join(TRACED))
     cfg = metagrad_config(first)
     with_path = first["study"] in COMP_STUDIES
+    done: dict[str, dict[str, Any]] = {}
     results = []
     with jax.enable_x64(True):
         mdps, phis = _problems(first["seed"], first["problem"], first["mdps"], first["states"],
                                first["actions"], float(first["gamma"]), _hashable(first["theta0"]))
-        estimate, exact_fn, path = _programs(cfg, with_path)
+        estimate, exact_fn = _estimate_program(cfg), _exact_program(cfg)
         keys = jax.random.split(jax.random.key(first["seed"] + 1), (first["mdps"], first["repeats"]))
-        for config in configs:
+        for original in configs:
+            config = compute_config(original)
             require(1 <= config["samples"] <= config["capacity"],
                     f"samples must be in 1..capacity ({config['capacity']}), got {config['samples']}")
             metagrad_config(config)  # validates steps <= max_steps and the code
+            key = repr(sorted(config.items()))
+            if key in done:
+                results.append({**done[key], "compute_seconds": 0.0})
+                continue
             point_counts, hyper = counts(config), point_hyper(config)
             started = time.perf_counter()
             exact = np.asarray(exact_fn(mdps, phis, hyper)).reshape(first["mdps"], -1)
-            estimates = np.asarray(estimate(keys, mdps, phis, point_counts, hyper))
+            estimates = _in_blocks(estimate, keys, mdps, phis, point_counts, hyper)
             summary = stats.summarize(estimates.reshape(first["mdps"], first["repeats"], -1), exact)
             per_mdp = summary.pop("per_mdp")
             result = {**summary, "bias2_per_mdp": np.asarray(per_mdp["bias2"]).tolist(),
                       "bias2_se_per_mdp": np.asarray(per_mdp["bias2_se"]).tolist()}
             if with_path:
-                errors = np.asarray(path(keys, mdps, phis, point_counts[0], hyper)).reshape(
-                    -1, cfg.steps)[:, :config["steps"]]
+                errors = _in_blocks(_path_program(cfg), keys, mdps, phis, point_counts[0], hyper)
+                errors = errors.reshape(-1, cfg.steps)[:, :config["steps"]]
                 result["param_error"] = errors.mean(0).tolist()
                 result["param_error_se"] = (errors.std(0, ddof=1) / np.sqrt(len(errors))).tolist()
             result["finite"] = bool(np.all(np.isfinite(estimates)))
             result["compute_seconds"] = time.perf_counter() - started
+            done[key] = result
             results.append(result)
     return results
 

@@ -84,15 +84,14 @@ def _line(label: str, verdict_text: tuple[str, str]) -> tuple[str, str]:
     return verdict, f"- {label}: {text} — **{verdict}**"
 
 
-def _merge_identical(rows: list[dict], by: str) -> list[tuple[str, list[dict]]]:
-    """Groups rows with identical statistics (e.g. loaded, lvc and maml share their inner gradient,
-    so their lee rows are equal) under one joined label."""
+def _merge_identical(series: dict[str, list[dict]]) -> list[tuple[str, list[dict]]]:
+    """Joins lines whose every point has identical statistics (loaded, lvc and maml share their
+    inner gradient, so their lee rows are equal) under one label "a = b = c"."""
     groups: dict[tuple, tuple[list[str], list[dict]]] = {}
-    for r in rows:
-        key = (r["bias2"], r["bias2_se"])
-        groups.setdefault(key, ([], []))[0].append(str(r[by]))
-        groups[key][1].append(r)
-    return [(" = ".join(names), members) for names, members in groups.values()]
+    for name, points in series.items():
+        key = tuple((r["bias2"], r["bias2_se"]) for r in points)
+        groups.setdefault(key, ([], points))[0].append(str(name))
+    return [(" = ".join(names), points) for names, points in groups.values()]
 
 
 def _axis_series(rows: list[dict], study: str, x: str, line: str, **fields) -> dict[str, list[dict]]:
@@ -104,13 +103,8 @@ def _axis_series(rows: list[dict], study: str, x: str, line: str, **fields) -> d
 
 def _trend_lines(rows, study, x, line, direction, **fields) -> list[tuple[str, str]]:
     """One line per `line` value of `study`: bias2 at the first vs the last `x`."""
-    series = _axis_series(rows, study, x, line, **fields)
-    if not series:
-        return []
-    firsts = [(k, v[0]) for k, v in series.items()]
     out = []
-    for label, members in _merge_identical([r for _, r in firsts], line):
-        points = series[members[0][line]]
+    for label, points in _merge_identical(_axis_series(rows, study, x, line, **fields)):
         first, last = points[0], points[-1]
         out.append(_line(f"{study}, {line} {label}: {x} {first[x]:g} → {last[x]:g}: "
                          f"{_fmt(first['bias2'], first['bias2_se'])} → "
@@ -173,10 +167,11 @@ def _hessian_error_lines(rows: list[dict]) -> list[tuple[str, str]]:
         fake_first = {"bias2": g_small, "bias2_se": se_small}
         fake_last = {"bias2": g_large, "bias2_se": se_large}
         verdict, text = compare_ends(fake_first, fake_last, +1)
-        text = text.split(", ratio")[0] if g_small <= Z95 * se_small else text
+        text = text.replace("ratio last/first", f"growth at c={errors[-1]:g} / growth at c={errors[0]:g}")
         out.append(_line(f"hessian-bias α={lr:g}: growth of bias2 from K={steps[0]} to K={steps[-1]}: "
                          f"{_fmt(g_small, se_small)} at c={errors[0]:g}, {_fmt(g_large, se_large)} at "
-                         f"c={errors[-1]:g}", (verdict, "growth " + text)))
+                         f"c={errors[-1]:g}",
+                         (verdict, "difference of growths " + text[len("difference "):])))
     return out
 
 
