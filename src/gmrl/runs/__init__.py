@@ -32,15 +32,19 @@ STORE_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
 
 
-def run_points(points: Sequence[Mapping[str, Any]], point_fn: Callable[[dict[str, Any]], Mapping],
-               out: Path | None, *, backend: str = "local", address: str | None = None,
-               progress: bool = True, description: str = "runs",
-               ray_init_kwargs: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def run_points(points: Sequence[Mapping[str, Any]],
+               point_fn: Callable[[dict[str, Any]], Mapping] | None, out: Path | None, *,
+               backend: str = "local", address: str | None = None, progress: bool = True,
+               description: str = "runs", ray_init_kwargs: Mapping[str, Any] | None = None,
+               batch_fn=None, group_key=None, max_group_size: int | None = None
+               ) -> list[dict[str, Any]]:
     """Compute the points of `points` not yet in OUT/results.sqlite and return every point's
     stored result, in the order of `points`.
 
     out=None keeps the store in a temporary folder (nothing is left behind). `point_fn(config)`
     must be picklable for backend 'ray' (a module-level function or a functools.partial of one).
+    `batch_fn`/`group_key`/`max_group_size` are passed to `gmrl.sweep.run_sweep`, e.g. to train
+    several runs that share a compiled shape in one vmapped call.
     """
     from gmrl.sweep import run_sweep
 
@@ -48,7 +52,8 @@ def run_points(points: Sequence[Mapping[str, Any]], point_fn: Callable[[dict[str
         with ResultStore(folder / STORE_NAME) as store:
             run_sweep([dict(p) for p in points], point_fn, store, backend=backend,
                       address=address, progress=progress, description=description,
-                      ray_init_kwargs=ray_init_kwargs)
+                      ray_init_kwargs=ray_init_kwargs, batch_fn=batch_fn, group_key=group_key,
+                      max_group_size=max_group_size)
             results = [store.get(config_key(p)) for p in points]
         return [row.result for row in results]
 
