@@ -1,6 +1,6 @@
-"""report.md of a study: one line per finding, with its number, and log-log scaling-law slopes with
-95% CIs beside the theory's bounds (Tang et al. 2022: compositional bias O(K α^K σ_in |τ|^-0.5),
-multi-step Hessian bias O((K−1) Δ_H^(K−1))).
+"""report.md of a study: one line per series, bias2 at both ends of the axis with the difference and
+ratio (95% CIs) beside the theory's bounds (Liu, Feng et al. 2022: compositional bias
+O(K α^K σ_in |τ|^-0.5), multi-step Hessian bias O((K−1) Δ_H^(K−1))).
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ def slope_text(points: list[dict], x_name: str) -> str:
 
 
 def series_line(label: str, points: list[dict], x_name: str) -> str:
-    """First vs last point of one line, with the z of their difference and the fitted slope."""
+    """bias2 at the first and the last point of one line, their difference (95% CI) and, where both
+    are significantly positive, their ratio (95% CI) — the ends of the axis, no fitted subset."""
+    from gmrl.studies.verdicts import compare_ends
+
     first, last = points[0], points[-1]
-    diff = last["bias2"] - first["bias2"]
-    se = np.hypot(first["bias2_se"], last["bias2_se"])
-    z = diff / se if se > 0 else float("nan")
+    _, text = compare_ends(first, last, +1)
     return (f"- {label}: bias2 at {x_name}={first[x_name]}: {_fmt(first)}; at "
-            f"{x_name}={last[x_name]}: {_fmt(last)} (difference z = {z:.1f}); "
-            f"{slope_text(points, x_name)}" + _non_finite_text(points, x_name))
+            f"{x_name}={last[x_name]}: {_fmt(last)}; {text.split('; smallest')[0]}"
+            + _non_finite_text(points, x_name))
 
 
 def _non_finite_text(points: list[dict], x_name: str) -> str:
@@ -64,7 +65,7 @@ def _non_finite_text(points: list[dict], x_name: str) -> str:
 def _bias_vs_steps(points: list[dict]) -> dict | None:
     """Fits of bias = sqrt(bias2) against K over the points (K ≥ 2) with significantly positive
     bias2: the log-log slope b of bias ∝ K^b, and the theory's shape bias ∝ (K−1)·Δ_H^(K−1)
-    (Tang et al. 2022, Hessian bias of K steps), i.e. log(bias/(K−1)) linear in K−1 with slope
+    (Liu, Feng et al. 2022, Hessian bias of K steps), i.e. log(bias/(K−1)) linear in K−1 with slope
     log Δ_H. Both are weighted least squares with delta-method errors; None below 2 steps."""
     used = [r for r in points if r["steps"] >= 2 and significant(r)]
     if len({r["steps"] for r in used}) < 2:
@@ -164,9 +165,9 @@ def write_report(rows: list[dict], study: str, path: Path, seconds: float | None
               f"A={first['actions']}, γ={first['gamma']}, T={first['horizon']}, oracle "
               f"{first['oracle']}, seed {first['seed']}; {len(mine)} points"
               + (f"; {seconds:.0f} s wall time this run" if seconds is not None else "") + ".",
-              "bias2 is the unbiased squared bias per coordinate ± its 95% CI (jackknife); "
-              "slopes are weighted least squares on logs over significantly positive points, "
-              "± 95% CI.", ""]
+              "bias2 is the unbiased squared bias per coordinate ± its 95% CI (jackknife); each "
+              "line compares the two ends of the axis (difference, and ratio where both ends are "
+              "significantly positive, with 95% CIs).", ""]
     theory = THEORY.get(X_AXIS[study], "")
     if study == "hessian-bias":
         theory = ("theory: Hessian bias O((K−1) Δ_H^(K−1)): grows with K, faster for larger "
