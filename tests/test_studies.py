@@ -8,6 +8,7 @@ Findings are compared with z-scores from the jackknife standard errors of bias2 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -91,25 +92,97 @@ def test_point_numbers_do_not_depend_on_grouping():
 
 
 def test_every_study_runs_grid_to_report_through_the_cli(tmp_path):
+    """`gmrl study all` (tiny): every study's rows, figures and report, and a combined report with a
+    verdict line for every finding; `gmrl study NAME` alone, its resume and `gmrl plot`."""
     runner = CliRunner()
+    tiny = ["--quick", "--no-progress", "--mdps", "2", "--repeats", "3", "--max-groups", "1"]
+    out = tmp_path / "all"
+    result = runner.invoke(cli, ["study", "all", "--out", str(out), *tiny])
+    assert result.exit_code == 0, result.output
+    expected = sum(len(st.study_points(name, quick=True, max_groups=1)) for name in st.STUDIES)
+    assert f"{expected} points computed" in result.output, result.output
+    assert len((out / "results.csv").read_text().splitlines()) == expected + 1
     for name in st.STUDIES:
-        out = tmp_path / name
-        result = runner.invoke(cli, ["study", name, "--quick", "--out", str(out), "--no-progress",
-                                     "--mdps", "2", "--repeats", "3", "--max-groups", "1"])
-        assert result.exit_code == 0, (name, result.output)
-        expected = len(st.study_points(name, quick=True, max_groups=1))
-        assert f"{expected} points computed" in result.output, (name, result.output)
-        for file in ("results.sqlite", "results.csv", "report.md", f"{name}_bias2.png"):
+        for file in (f"report_{name}.md", f"{name}_bias2.png", f"{name}_corr.png"):
             assert (out / file).is_file(), (name, file)
-        report_text = (out / "report.md").read_text()
+        report_text = (out / f"report_{name}.md").read_text()
         assert "## Findings" in report_text and "\n- " in report_text, (name, report_text)
-        assert len((out / "results.csv").read_text().splitlines()) == expected + 1, name
-    again = runner.invoke(cli, ["study", "decompose", "--quick", "--out", str(tmp_path / "decompose"),
-                                "--no-progress", "--mdps", "2", "--repeats", "3",
-                                "--max-groups", "1"])
+    combined = (out / "report.md").read_text()
+    sections = combined.split("\n## ")[1:]
+    assert [s.split(".")[0] for s in sections] == ["1", "2", "3", "4", "5", "6"], combined
+    for section in sections:
+        assert re.search(r"— \*\*(holds|not significant|does not hold)\*\*", section), section
+    single = tmp_path / "decompose"
+    first = runner.invoke(cli, ["study", "decompose", "--out", str(single), *tiny])
+    assert first.exit_code == 0 and "8 points computed" in first.output, first.output
+    assert "## Findings" in (single / "report.md").read_text()
+    again = runner.invoke(cli, ["study", "decompose", "--out", str(single), *tiny])
     assert "0 points computed, 8 already stored" in again.output, again.output
-    replot = runner.invoke(cli, ["plot", str(tmp_path / "decompose")])
+    replot = runner.invoke(cli, ["plot", str(single)])
     assert replot.exit_code == 0 and "report.md" in replot.output, replot.output
+
+
+def test_verdicts_follow_the_confidence_interval_of_the_difference():
+    from gmrl.studies.verdicts import compare_ends, positive_claim, zero_claim
+
+    low, high = {"bias2": 1e-4, "bias2_se": 1e-5}, {"bias2": 5e-4, "bias2_se": 1e-4}
+    assert compare_ends(low, high, +1)[0] == "holds"
+    assert compare_ends(low, high, -1)[0] == "does not hold"
+    assert "ratio last/first 5" in compare_ends(low, high, +1)[1]
+    close = {"bias2": 1.5e-4, "bias2_se": 1e-4}
+    verdict, text = compare_ends(low, close, +1)
+    assert verdict == "not significant" and "smallest detectable difference 0.00028" in text
+    assert zero_claim({"bias2": 1e-6, "bias2_se": 1e-6})[0] == "holds"
+    assert zero_claim({"bias2": 1e-5, "bias2_se": 1e-6})[0] == "does not hold"
+    assert positive_claim({"bias2": 1e-5, "bias2_se": 1e-6})[0] == "holds"
+    assert positive_claim({"bias2": 1e-6, "bias2_se": 1e-6})[0] == "not significant"
+
+
+def test_point_numbers_do_not_depend_on_the_compiled_loop_length():
+    """K_max (max_steps) only sizes the compiled loop: step keys and masked steps keep the numbers."""
+    tiny = dict(st.base_config("comp-steps", True, "infinite", 3), mdps=2, repeats=3,
+                estimator="dice", steps=2, lr=3.0, theta0="zeros")
+    a = st.compute_point(dict(tiny, max_steps=2))
+    b = st.compute_point(dict(tiny, max_steps=5))
+    assert a["bias2"] == pytest.approx(b["bias2"], rel=1e-12, abs=1e-15)
+    assert a["param_error"] == pytest.approx(b["param_error"], rel=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+def test_lee_is_the_same_computation_for_loaded_lvc_and_maml():
+    """The premise of computing their lee points once (SAME_INNER_GRADIENT)."""
+    import jax
+
+    from gmrl import metagrad as mg
+    from gmrl.envs import tabular
+
+    mdp = tabular.random_mdp(jax.random.key(0), 4, 2, 0.8, concentration=0.5)
+    phi = jax.random.normal(jax.random.key(1), (4, 2))
+    results = {}
+    for name in st.SAME_INNER_GRADIENT + ("dice",):
+        cfg = mg.MetaGradConfig(steps=2, lr=3.0, horizon=5, inner=mg.Ingredient(name, 8),
+                                hessian=mg.Ingredient(name), outer=mg.Ingredient(name))
+        results[name] = np.asarray(mg.estimate_meta_gradient(jax.random.key(2), cfg, mdp, phi))
+    for name in st.SAME_INNER_GRADIENT:
+        np.testing.assert_allclose(results[name], results["maml"], rtol=1e-10, atol=1e-13)
+    assert not np.allclose(results["dice"], results["maml"])
+
+
+def test_a_registered_estimator_runs_in_a_study_like_the_builtin_it_copies():
+    from gmrl import estimators as est
+
+    est.register("dice_copy", est.dice, uses_critic=False)
+    try:
+        points = st.study_points("decompose", quick=True, overrides={"mdps": 2, "repeats": 3},
+                                 estimators=["dice", "dice_copy"])
+        points = [p for p in points if p["code"] == "ele" and p["samples"] == 8]
+        assert [p["estimator"] for p in points] == ["dice", "dice_copy"]
+        rows = [st.compute_point(p) for p in points]
+        assert rows[0]["bias2"] == pytest.approx(rows[1]["bias2"], rel=1e-12)
+    finally:
+        est.unregister("dice_copy")
+    with pytest.raises(InputError, match="unknown estimator"):
+        st.study_points("decompose", estimators=["nope"])
 
 
 def test_hessian_bias_report_recovers_the_theory_shape():

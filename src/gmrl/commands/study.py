@@ -30,6 +30,9 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
                   show_default=True, help="finite: exact expectations of the sampled surrogates.")
     @click.option("--theta0", default="zeros", show_default=True,
                   help="MAML's θ0: zeros (as in the reference), normal (N(0,1) per MDP) or FILE.npy [20, 5].")
+    @click.option("--estimators", default=None,
+                  help="Comma list replacing the estimator axis (registered surrogates allowed; see "
+                       "docs/check.md, 'Your own estimator').")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--progress/--no-progress", default=True, show_default=True)
     @click.option("--mdps", type=click.IntRange(min=1), default=None, hidden=True,
@@ -38,8 +41,8 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
                   help="Testing: repeats per MDP instead of the study's (>= 3: bias2 needs 3).")
     @click.option("--max-groups", type=click.IntRange(min=1), default=None, hidden=True,
                   help="Testing: only the points of the first N compiled programs per study.")
-    def command(quick, backend, address, out, oracle, theta0, seed, progress, mdps, repeats,
-                max_groups):
+    def command(quick, backend, address, out, oracle, theta0, estimators, seed, progress, mdps,
+                repeats, max_groups):
         from gmrl.studies.run import run_studies
 
         require(address is None or backend == "ray", "--address applies only to --backend ray")
@@ -47,7 +50,8 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
         summary, seconds, written = run_studies(
             names, out, quick=quick, oracle=oracle, seed=seed, theta0=_theta0(theta0),
             backend=backend, address=address, progress=progress, overrides=overrides,
-            max_groups=max_groups)
+            max_groups=max_groups,
+            estimators=[e.strip() for e in estimators.split(",") if e.strip()] if estimators else None)
         click.echo(f"gmrl study {name}: {summary.computed} points computed, {summary.skipped} "
                    f"already stored, {seconds:.1f} s")
         for path in written:

@@ -17,17 +17,18 @@ from gmrl.studies import tabular as studies
 
 def study_points(names: Sequence[str], quick: bool = False, oracle: str = "infinite", seed: int = 0,
                  theta0: str | list = "zeros", overrides: Mapping[str, Any] | None = None,
-                 max_groups: int | None = None) -> list[dict[str, Any]]:
+                 max_groups: int | None = None,
+                 estimators: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The points of every study in `names`, in order."""
-    return [p for name in names
-            for p in studies.study_points(name, quick, oracle, seed, overrides, max_groups, theta0)]
+    return [p for name in names for p in studies.study_points(
+        name, quick, oracle, seed, overrides, max_groups, theta0, estimators)]
 
 
 def run_studies(names: Sequence[str], out: Path, *, quick: bool = False, oracle: str = "infinite",
                 seed: int = 0, theta0: str | list = "zeros", backend: str = "local",
                 address: str | None = None, progress: bool = True,
-                overrides: Mapping[str, Any] | None = None,
-                max_groups: int | None = None) -> tuple[Any, float, list[Path]]:
+                overrides: Mapping[str, Any] | None = None, max_groups: int | None = None,
+                estimators: Sequence[str] | None = None) -> tuple[Any, float, list[Path]]:
     """Compute the missing points of `names` into out/results.sqlite, then write the outputs.
 
     Returns (sweep summary, wall seconds, written paths).
@@ -37,7 +38,7 @@ def run_studies(names: Sequence[str], out: Path, *, quick: bool = False, oracle:
 
     out = Path(out)
     require(not out.exists() or out.is_dir(), f"--out must be a folder, got the file {out}")
-    points = study_points(names, quick, oracle, seed, theta0, overrides, max_groups)
+    points = study_points(names, quick, oracle, seed, theta0, overrides, max_groups, estimators)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with ResultStore(out / "results.sqlite") as store:

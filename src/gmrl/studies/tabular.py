@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -79,15 +79,24 @@ REPEATS = {"decompose": 20, "lr": 20, "steps": 20, "comp-lr": 60, "comp-samples"
 
 
 def study_grids(name: str, quick: bool = False, oracle: str = "infinite", seed: int = 0,
-                theta0: str | list = "zeros") -> list[Grid]:
+                theta0: str | list = "zeros", estimators: Sequence[str] | None = None) -> list[Grid]:
     """The grids of study `name` (the reference study's grids). --quick trims axes.
 
-    `max_steps` (MAX_STEPS) is at least the largest K a grid sweeps, so that one program per
-    estimator serves it.
+    `estimators` replaces the estimator axis of the studies that sweep one (any name of
+    `gmrl.estimators.SAMPLED_ESTIMATORS`, registered surrogates included). `max_steps`
+    (MAX_STEPS) is at least the largest K a grid sweeps, so that one program per estimator serves it.
     """
+    from gmrl import estimators as est
+
     require(name in STUDIES, f"unknown study {name!r}; allowed: {', '.join(STUDIES)}")
     base = {**base_config(name, quick, oracle, seed), "theta0": theta0}
     grids = _grids(name, quick, base)
+    if estimators:
+        allowed = est.SAMPLED_ESTIMATORS
+        unknown = [e for e in estimators if e not in allowed]
+        require(not unknown, f"unknown estimator(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        grids = [Grid(g.base, {**g.axes, "estimator": list(estimators)}) if "estimator" in g.axes else g
+                 for g in grids]
     for g in grids:
         largest = max(g.axes.get("steps", [g.base["steps"]]))
         g.base["max_steps"] = max(largest, MAX_STEPS[name])
@@ -133,8 +142,9 @@ def _grids(name: str, quick: bool, base: dict[str, Any]) -> list[Grid]:
 
 
 def study_points(name: str, quick: bool = False, oracle: str = "infinite", seed: int = 0,
-                 overrides: Mapping[str, Any] | None = None,
-                 max_groups: int | None = None, theta0: str | list = "zeros") -> list[dict[str, Any]]:
+                 overrides: Mapping[str, Any] | None = None, max_groups: int | None = None,
+                 theta0: str | list = "zeros",
+                 estimators: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every point of study `name`, in a stable order.
 
     For tests and smoke runs: `overrides` replaces config fields (e.g. mdps, repeats) in every
@@ -144,7 +154,8 @@ def study_points(name: str, quick: bool = False, oracle: str = "infinite", seed:
 
     require(max_groups is None or max_groups >= 1, f"max_groups must be ≥ 1, got {max_groups}")
     points = [{**p, **(overrides or {})}
-              for grid in study_grids(name, quick, oracle, seed, theta0) for p in expand(grid)]
+              for grid in study_grids(name, quick, oracle, seed, theta0, estimators)
+              for p in expand(grid)]
     if max_groups is None:
         return points
     kept = list(dict.fromkeys(group_key(p) for p in points))[:max_groups]
