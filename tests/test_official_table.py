@@ -113,6 +113,22 @@ def test_format_and_checks(results):
     assert any("LOLA" in line for line in table.checks([], table.lola_row(bad)))
 
 
+def test_paired_difference(results):
+    record = next(iter(results["rows"].values()))
+    other = json.loads(json.dumps(record))
+    rng = np.random.default_rng(0)
+    other["reference"]["estimates"] = (np.asarray(record["reference"]["estimates"])
+                                       + 1e-3 * rng.normal(size=(2, 5, 100))).tolist()
+    got = table.paired_difference(record, other)
+    a = table.centred_cosine(record["reference"]["estimates"], record["reference"]["oracle"])
+    b = table.centred_cosine(other["reference"]["estimates"], other["reference"]["oracle"])
+    assert got["diff"] == pytest.approx(float(np.mean(a - b)))
+    assert got["se"] == pytest.approx(float(np.std(a - b, ddof=1) / math.sqrt(10)))
+    other["reference"]["oracle"][0][0] += 1.0
+    with pytest.raises(ValueError):
+        table.paired_difference(record, other)
+
+
 def test_lola_row(results):
     record = results["lola"]
     got = table.lola_row(record)

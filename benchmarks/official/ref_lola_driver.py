@@ -12,7 +12,8 @@ seed, the script's own seeding, agents and `play` loop run as its main block run
         -- --n_update 20 --inner_exact --outer_exact
 
 Writes thetas [seeds, updates, 2, 5] (the reference's convention: σ(θ) is P(defect), states
-(start, DD, DC, CD, CC)) and the seconds of each seed's `play`.
+(start, DD, DC, CD, CC)) and the seconds of each seed's `play`. --float64 re-runs it in float64
+(to measure how much of a difference to gmrl is the reference's float32).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--record", required=True, help="output .npz")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--logdir", required=True, help="the script's --logdir (a scratch folder)")
+    parser.add_argument("--float64", action="store_true",
+                        help="run in float64: new tensors' default dtype and the script's "
+                             "Tensor.float() casts become float64 at run time")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -40,6 +44,11 @@ def main() -> None:
     sys.path.insert(0, folder)
     sys.argv = [os.path.join(folder, "lola_dice_original.py"), "--logdir", args.logdir,
                 *argv[split + 1:]]
+    if args.float64:
+        import torch
+
+        torch.set_default_dtype(torch.float64)
+        torch.Tensor.float = torch.Tensor.double
     module = importlib.import_module("lola_dice_original")
 
     thetas: list[np.ndarray] = []

@@ -51,6 +51,7 @@ class Row:
     samples: int
     steps: int = 1
     problem: str = "maml"
+    ref_extra: tuple[str, ...] = ()  # further options of the reference script
 
     def ingredients(self) -> dict[str, str]:
         return {part: (f"{self.estimator}:{self.samples}" if letter == "l" else "exact")
@@ -68,7 +69,7 @@ class Row:
             args += ["--gae_lambda", "0.9"]  # as in its run_step.sh; critic noise 1.0 (default)
         else:
             args += ["--noise", "1.0"]
-        return args
+        return args + list(self.ref_extra)
 
     def gmrl_config(self) -> dict:
         return {"problem": self.problem, "steps": self.steps, "lr": 10.0, "horizon": 20, "noise": 1.0,
@@ -80,7 +81,8 @@ class Row:
 
     def settings(self) -> str:
         text = f"{self.problem}, {self.estimator} {self.code} {self.samples}, K = {self.steps}, α = 10"
-        return text + (", GAE λ = 0.9" if self.problem == "lirpg" else "")
+        text += ", GAE λ = 0.9" if self.problem == "lirpg" else ""
+        return text + "".join(f", reference {o}" for o in self.ref_extra)
 
 
 ROWS = [
@@ -93,6 +95,12 @@ ROWS = [
     Row("maml ele 256", "maml", "ele", 256),
     Row("LIRPG maml ele 64 K=2", "maml", "ele", 64, steps=2, problem="lirpg"),
     Row("LIRPG lvc ele 64 K=2", "lvc", "ele", 64, steps=2, problem="lirpg"),
+    # The reference's LIRPG critic V(R + φ) keeps its gradient in φ unless told otherwise; gmrl's
+    # critic is a constant (stop-gradient). This row runs the reference with its own switch.
+    Row("LIRPG maml ele 64 K=2, ref. critic detached", "maml", "ele", 64, steps=2, problem="lirpg",
+        ref_extra=("--detach_value_gradient",)),
+    Row("LIRPG lvc ele 64 K=2, ref. critic detached", "lvc", "ele", 64, steps=2, problem="lirpg",
+        ref_extra=("--detach_value_gradient",)),
 ]
 
 
@@ -166,6 +174,12 @@ def measure_lola(args, scratch: str) -> dict:
            "--record", exact_npz, "--seeds", "1", "--logdir", os.path.join(scratch, "lola_exact"),
            "--", "--n_update", str(args.lola_updates), "--inner_exact", "--outer_exact"], torch_env())
     ref_theta = np.load(exact_npz)["thetas"][0]
+    exact64_npz = os.path.join(scratch, "lola_exact64.npz")
+    timed([args.torch_python, os.path.join(HERE, "ref_lola_driver.py"), "--reference", args.reference,
+           "--record", exact64_npz, "--seeds", "1", "--logdir", os.path.join(scratch, "lola_exact64"),
+           "--float64", "--", "--n_update", str(args.lola_updates), "--inner_exact", "--outer_exact"],
+          torch_env())
+    ref_theta64 = np.load(exact64_npz)["thetas"][0]
     gm_npz = os.path.join(scratch, "gmrl_lola.npz")
     timed([sys.executable, os.path.join(HERE, "gmrl_lola.py"), "--updates", str(args.lola_updates),
            "--out", gm_npz])
@@ -189,6 +203,7 @@ def measure_lola(args, scratch: str) -> dict:
     return {
         # the reference's σ(θ) is P(defect) and its states are (start, DD, DC, CD, CC)
         "theta_ref": (-ref_theta[..., [0, 4, 3, 2, 1]]).tolist(), "theta_gmrl": gm_theta.tolist(),
+        "theta_ref_float64": (-ref_theta64[..., [0, 4, 3, 2, 1]]).tolist(),
         "ref_s_per_update_seed": float(play.sum() / (seeds * updates)),
         "ref_whole_process": {"wall_s": ref_wall, "cpu_s": ref_cpu, "seeds": seeds, "updates": updates},
         "gmrl_s_per_update_seed": gm_wall / (gm_seeds * gm_updates),
@@ -255,6 +270,12 @@ def main() -> None:
     print(table.format_table(rows, lola))
     for line in table.checks(rows, lola):
         print("CHECK:", line)
+    for row in ROWS:
+        base = row.name.split(", ref. ")[0]
+        if row.ref_extra and row.name in results["rows"] and base in results["rows"]:
+            p = table.paired_difference(results["rows"][base], results["rows"][row.name])
+            print(f"paired, same trajectories: reference corr of '{base}' minus with "
+                  f"{' '.join(row.ref_extra)}: {p['diff']:+.4f} ± {p['se']:.4f} (z = {p['z']:+.1f})")
     if "machine" in results:
         print("machine:", json.dumps(results["machine"]))
 

@@ -111,17 +111,39 @@ def lola_row(record: dict) -> dict:
     """LOLA: exact θ trajectories of both sides (already in gmrl's convention) and timings.
 
     record: {"theta_ref": [U][2][5] (after update u), "theta_gmrl": [U][2][5] (before update u+1,
-    i.e. after update u), "ref_s_per_update_seed", "gmrl_s_per_update_seed", plus optional details}.
+    i.e. after update u), "ref_s_per_update_seed", "gmrl_s_per_update_seed", optionally
+    "theta_ref_float64" (the reference re-run in float64) and whole-process timings}.
     """
     a = np.asarray(record["theta_ref"], np.float64)
     b = np.asarray(record["theta_gmrl"], np.float64)
     n = min(len(a), len(b))
     diff = np.abs(a[:n] - b[:n])
     ref_t, gm_t = record.get("ref_s_per_update_seed"), record.get("gmrl_s_per_update_seed")
-    return {"updates": n, "max_abs_theta_diff": float(diff.max()),
+    ref_cpu, gm_cpu = (_per_update(record.get(k)) for k in ("ref_whole_process", "gmrl_whole_process"))
+    ref64 = record.get("theta_ref_float64")
+    diff64 = None if ref64 is None else float(np.abs(np.asarray(ref64, np.float64)[:n] - b[:n]).max())
+    return {"updates": n, "max_abs_theta_diff": float(diff.max()), "max_abs_theta_diff_float64": diff64,
             "max_abs_theta": float(np.abs(b[:n]).max()),
             "ref_s_per_update_seed": ref_t, "gmrl_s_per_update_seed": gm_t,
-            "ratio": _ratio(ref_t, gm_t)}
+            "ratio": _ratio(ref_t, gm_t), "ref_cpu_per_update_seed": ref_cpu,
+            "gmrl_cpu_per_update_seed": gm_cpu, "cpu_ratio": _ratio(ref_cpu, gm_cpu)}
+
+
+def _per_update(whole: dict | None):
+    """Whole-process CPU seconds per update per seed (start-up and compilation included)."""
+    return None if not whole else whole["cpu_s"] / (whole["seeds"] * whole["updates"])
+
+
+def paired_difference(record_a: dict, record_b: dict) -> dict:
+    """Two reference runs of the same seed that differ in one option only (the same MDPs and, when
+    the option draws no random numbers, the same trajectories): the mean per-repeat correlation
+    difference a − b, its paired standard error and z."""
+    a, b = record_a["reference"], record_b["reference"]
+    if not np.array_equal(np.asarray(a["oracle"]), np.asarray(b["oracle"])):
+        raise ValueError("the two runs are not on the same MDPs")
+    d = (centred_cosine(a["estimates"], a["oracle"]) - centred_cosine(b["estimates"], b["oracle"])).ravel()
+    se = float(d.std(ddof=1) / math.sqrt(d.size))
+    return {"diff": float(d.mean()), "se": se, "z": float(d.mean()) / se if se > 0 else float("nan")}
 
 
 def _ratio(a, b):
@@ -140,8 +162,8 @@ def format_table(rows: list[dict], lola: dict | None = None) -> str:
     """One markdown table (tabular rows, then the LOLA lines)."""
     lines = [
         "| row | M×R ref / gmrl | corr ref | corr gmrl | z | var ref | var gmrl | z | "
-        "seconds ref | seconds gmrl | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "wall s ref | wall s gmrl | ratio | CPU s ref | CPU s gmrl | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -150,18 +172,27 @@ def format_table(rows: list[dict], lola: dict | None = None) -> str:
             f"| {r['corr_gmrl']:.4f} ± {r['corr_gmrl_se']:.4f} "
             f"| {r['corr_z']:+.2f} | {_sig(r['var_ref'], 4)} ± {_sig(r['var_ref_se'], 2)} "
             f"| {_sig(r['var_gmrl'], 4)} ± {_sig(r['var_gmrl_se'], 2)} | {r['var_z']:+.2f} "
-            f"| {_f(r['ref_wall_s'], 1)} | {_f(r['gmrl_wall_s'], 1)} | {_f(r['ratio'], 1)}× |")
+            f"| {_f(r['ref_wall_s'], 1)} | {_f(r['gmrl_wall_s'], 1)} | {_f(r['ratio'], 1)}× "
+            f"| {_f(r['ref_cpu_s'], 1)} | {_f(r['gmrl_cpu_s'], 1)} | {_f(r['cpu_ratio'], 1)}× |")
     if lola is not None:
         lines += [
             "",
             "| LOLA | updates | max abs θ difference (exact, gmrl convention) | "
-            "s / update / seed ref (128/128) | gmrl | ratio |",
-            "|---|---|---|---|---|---|",
+            "wall s / update / seed, 128/128: ref | gmrl | ratio | CPU s: ref | gmrl | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
             f"| exact inner and outer, θ = 0 | {lola['updates']} | {lola['max_abs_theta_diff']:.2e} "
-            f"(max abs θ {lola['max_abs_theta']:.3f}) | {_sig(lola['ref_s_per_update_seed'], 3)} "
-            f"| {_sig(lola['gmrl_s_per_update_seed'], 3)} | {_f(lola['ratio'], 0)}× |",
+            f"(max abs θ {lola['max_abs_theta']:.3f}){_float64_note(lola)} "
+            f"| {_sig(lola['ref_s_per_update_seed'], 3)} "
+            f"| {_sig(lola['gmrl_s_per_update_seed'], 3)} | {_f(lola['ratio'], 0)}× "
+            f"| {_sig(lola['ref_cpu_per_update_seed'], 3)} | {_sig(lola['gmrl_cpu_per_update_seed'], 3)} "
+            f"| {_f(lola['cpu_ratio'], 0)}× |",
         ]
     return "\n".join(lines)
+
+
+def _float64_note(lola: dict) -> str:
+    diff = lola.get("max_abs_theta_diff_float64")
+    return "" if diff is None else f"; reference re-run in float64: {diff:.2e}"
 
 
 def checks(rows: list[dict], lola: dict | None = None) -> list[str]:
