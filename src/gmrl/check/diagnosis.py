@@ -209,9 +209,10 @@ def holm(p_values: Sequence[float], alpha: float) -> tuple[list[bool], list[floa
 
 def diagnose(estimates: np.ndarray, means: np.ndarray, mean_vars: np.ndarray,
              names: Sequence[str], labels: Sequence[str], alpha: float = 0.05,
-             notes: Sequence[str] = ()) -> Diagnosis:
+             notes: Sequence[str] = (), unit: str = "MDP") -> Diagnosis:
     """Test the user's estimates [M, R, d] against each candidate mean [M, V, d] (variances of the
-    means [M, V, d]; `names`/`labels` per candidate), unscaled and scaled, under Holm's rule."""
+    means [M, V, d]; `names`/`labels` per candidate), unscaled and scaled, under Holm's rule.
+    `unit`: what the M items are (MDP; a parameter point for `check_lola`)."""
     estimates = np.asarray(estimates, np.float64)
     flat_means = means.transpose(1, 0, 2).reshape(means.shape[1], -1)  # [V, M·d]
     span = orthonormal_basis(flat_means)
@@ -252,7 +253,7 @@ def diagnose(estimates: np.ndarray, means: np.ndarray, mean_vars: np.ndarray,
         message = f"{best.label}: consistent with {best.candidate} ({best.describe()})"
         if others:
             message += (f"; too small to tell apart from {', '.join(others)}"
-                        + (f" — about {needed} repeats per MDP would" if needed else
+                        + (f" — about {needed} repeats per {unit} would" if needed else
                            " — their expectations are identical on these tasks"))
         return Diagnosis(best.label, best, kept, dropped, tuple(others), needed, None, rule,
                          message, tuple(notes))

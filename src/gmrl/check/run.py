@@ -58,6 +58,8 @@ class CheckResult:
     calls: list
     diagnosis: Diagnosis
     seconds: dict
+    unit = "mdp"
+    """What the rows of the per-item table are (`check_lola`: parameter points)."""
 
     @property
     def label(self) -> str:
@@ -93,7 +95,7 @@ class CheckResult:
     def report(self) -> str:
         """Statistics, per MDP and pooled, then the diagnosis (what `gmrl check` prints)."""
         s, per = self.summary, self.summary["per_mdp"]
-        lines = [f"{'mdp':>5} {'corr':>8} {'variance':>11} {'bias2 ± 95% CI':>24}"]
+        lines = [f"{self.unit:>5} {'corr':>8} {'variance':>11} {'bias2 ± 95% CI':>24}"]
         for m in range(len(per["corr"])):
             lines.append(f"{m:>5} {per['corr'][m]:>8.4f} {per['variance'][m]:>11.4g} "
                          f"{per['bias2'][m]:>12.4g} ± {1.96 * per['bias2_se'][m]:<10.3g}")
@@ -134,26 +136,37 @@ def _call(fn: Callable, task, rng, where: str):
                          f"{': ' + message if message else ''}{_user_location(fn, err)}{where}") from None
 
 
-def _as_estimate(value: Any, shape: tuple[int, int], name: str, where: str) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+def _numpy(value: Any) -> Any:
+    if hasattr(value, "detach"):  # a torch tensor
+        return value.detach().cpu().numpy()
+    if isinstance(value, tuple | list):  # e.g. both players' gradients as (g1, g2)
+        return [_numpy(v) for v in value]
+    return value
+
+
+def _as_estimate(value: Any, shape: tuple[int, ...], name: str, where: str,
+                 expected: str = "[S, A]") -> np.ndarray:
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(_numpy(value), dtype=np.float64)
     except (TypeError, ValueError):
         raise InputError(f"{name}{where} returned {type(value).__name__}, not an array of numbers "
-                         f"of shape [S, A] = {shape}") from None
+                         f"of shape {expected} = {shape}") from None
     require(array.shape == shape,
-            f"{name}{where} returned shape {array.shape}; expected [S, A] = {shape}")
+            f"{name}{where} returned shape {array.shape}; expected {expected} = {shape}")
     require(bool(np.all(np.isfinite(array))), f"{name}{where} returned NaN or infinity")
     return array
 
 
-def _python_estimates(fn, tasks: list[Task], repeats: int, seed: int, progress: bool):
+def _python_estimates(fn, tasks: list, repeats: int, seed: int, progress: bool,
+                      shape: tuple[int, ...] | None = None, expected: str = "[S, A]",
+                      unit: str = "MDP"):
+    """Call fn(task, rng) `repeats` times per task (rng = default_rng([seed, m, r])); returns
+    (estimates [M, R, *shape], the first estimate's sample-call groups, notes)."""
     from tqdm.auto import tqdm
 
     name = getattr(fn, "__name__", "function")
     count = len(tasks)
-    shape = tasks[0].R.shape
+    shape = tasks[0].R.shape if shape is None else shape
     out = np.empty((count, repeats) + shape)
     groups, notes = None, []
     bar = tqdm(total=count * repeats, desc=f"gmrl check {name}", unit="estimate",
@@ -164,8 +177,8 @@ def _python_estimates(fn, tasks: list[Task], repeats: int, seed: int, progress: 
                 task.recorder.sizes.clear()
                 task.recorder.thetas.clear()
                 rng = np.random.default_rng([seed, m, r])
-                where = f" (MDP {m}, repeat {r})"
-                out[m, r] = _as_estimate(_call(fn, task, rng, where), shape, name, where)
+                where = f" ({unit} {m}, repeat {r})"
+                out[m, r] = _as_estimate(_call(fn, task, rng, where), shape, name, where, expected)
                 require(task.recorder.sizes, f"{name}{where} never called task.sample: gmrl "
                         "cannot tell which sample sizes its estimate used")
                 current = task.recorder.groups()
@@ -173,39 +186,50 @@ def _python_estimates(fn, tasks: list[Task], repeats: int, seed: int, progress: 
                     groups = current
                 elif current != groups and not notes:
                     notes.append(f"the sample calls differ between estimates ({groups} first, "
-                                 f"{current} at MDP {m}, repeat {r}); the candidates use the first")
+                                 f"{current} at {unit} {m}, repeat {r}); the candidates use the first")
                 bar.update()
     return out, groups, notes
 
 
 def _jax_estimates(fn, mdps: tabular.TabularMDP, phis, horizon, steps, lr, problem, repeats, seed):
-    name = getattr(fn, "__name__", "function")
-    shape = phis.shape[1:]
-
-    def task_of(mdp, phi, recorder):
+    """The tabular JAX path: `jax_estimates` over MDPs (a `JaxTask` per MDP)."""
+    def task_of(item, recorder):
+        mdp, phi = item
         return JaxTask(mdp.P, mdp.R, mdp.gamma, mdp.init_state, horizon, steps, lr, problem, phi,
                        recorder)
 
+    out, probe, notes, first, steady = jax_estimates(fn, task_of, (mdps, phis), phis.shape[0],
+                                                     phis.shape[1:], repeats, seed)
+    return out, probe.groups(), notes, first, steady
+
+
+def jax_estimates(fn, task_of, items, count: int, shape: tuple[int, ...], repeats: int, seed: int,
+                  expected: str = "[S, A]"):
+    """Run a JAX user function once eagerly (recording its sample calls), then jit(vmap(vmap))
+    over `repeats` keys and the `count` items (a pytree with a leading axis; `task_of(item,
+    recorder)` builds the task). Returns (estimates [count, R, *shape], the eager run's recorder,
+    notes, seconds of the first compiled call, seconds of a second one)."""
+    name = getattr(fn, "__name__", "function")
+    shape = tuple(shape)
     probe = Recorder(probe=True)
-    first = jax.tree.map(lambda x: x[0], mdps)
+    first = jax.tree.map(lambda x: x[0], items)
     where = " (first estimate, run eagerly)"
-    _as_estimate(_call(fn, task_of(first, phis[0], probe), jax.random.key(seed), where), shape,
-                 name, where)
+    _as_estimate(_call(fn, task_of(first, probe), jax.random.key(seed), where), shape, name, where,
+                 expected)
     jax.effects_barrier()
     require(probe.sizes, f"{name} never called task.sample: gmrl cannot tell which sample sizes "
             "its estimate used")
     traced = Recorder()
 
-    def one(key, mdp, phi):
-        return jnp.asarray(fn(task_of(mdp, phi, traced), key))
+    def one(key, item):
+        return jnp.asarray(fn(task_of(item, traced), key))
 
-    batched = jax.jit(jax.vmap(jax.vmap(one, in_axes=(0, None, None)), in_axes=(0, 0, 0)))
-    count = phis.shape[0]
+    batched = jax.jit(jax.vmap(jax.vmap(one, in_axes=(0, None)), in_axes=(0, 0)))
     keys = jax.random.split(jax.random.key(seed + 1), (count, repeats))
-    where = " (vmapped over repeats and MDPs)"
+    where = " (vmapped over repeats and items)"
     started = time.perf_counter()
     try:
-        out = batched(keys, mdps, phis).block_until_ready()
+        out = batched(keys, items).block_until_ready()
     except SampleError as err:
         raise InputError(f"{name}{where}: {err}") from None
     except InputError:
@@ -218,16 +242,16 @@ def _jax_estimates(fn, mdps: tabular.TabularMDP, phis, horizon, steps, lr, probl
     first_seconds = time.perf_counter() - started
     out = np.asarray(out, np.float64)
     require(out.shape == (count, repeats) + shape,
-            f"{name}{where} returned shape {out.shape[2:]}; expected [S, A] = {shape}")
+            f"{name}{where} returned shape {out.shape[2:]}; expected {expected} = {shape}")
     require(bool(np.all(np.isfinite(out))), f"{name}{where} returned NaN or infinity")
     notes = []
     if traced.sizes != probe.sizes:
         notes.append(f"traced sample sizes {traced.sizes} differ from the eager run's {probe.sizes}")
     # the steady-state cost per estimate: a second, compiled call
     started = time.perf_counter()
-    batched(jax.random.split(jax.random.key(seed + 2), (count, repeats)), mdps, phis).block_until_ready()
+    batched(jax.random.split(jax.random.key(seed + 2), (count, repeats)), items).block_until_ready()
     steady = time.perf_counter() - started
-    return out, probe.groups(), notes, first_seconds, steady
+    return out, probe, notes, first_seconds, steady
 
 
 _CACHE: dict = {}

@@ -49,17 +49,42 @@ def parse_theta0(text: str):
     return np.load(text, allow_pickle=False)
 
 
+def parse_thetas(text: str):
+    """normal | zeros | FILE.npy holding a [2, 5] or [M, 2, 5] array of (θ1, θ2)."""
+    if text in ("zeros", "normal"):
+        return text
+    require(text.endswith(".npy") and os.path.isfile(text),
+            f"--thetas must be normal, zeros or an existing .npy file with a [2, 5] or [M, 2, 5] "
+            f"array, got {text!r}")
+    return np.load(text, allow_pickle=False)
+
+
+TABULAR_ONLY = ("problem", "steps", "mdps", "theta0")
+IPD_ONLY = ("points", "thetas", "gamma")
+
+
 @click.command()
 @click.argument("target", metavar="FILE.py:FUNCTION")
-@click.option("--problem", type=click.Choice(["maml", "lirpg"]), default="maml", show_default=True,
-              help="maml: φ = θ0; lirpg: φ = intrinsic reward table (θ0 = 0).")
-@click.option("--steps", "-K", type=int, default=1, show_default=True, help="Inner steps K.")
-@click.option("--lr", type=float, default=10.0, show_default=True, help="Inner learning rate α.")
-@click.option("--mdps", type=int, default=10, show_default=True, help="Random reference MDPs.")
+@click.option("--game", type=click.Choice(["mdp", "ipd"]), default="mdp", show_default=True,
+              help="mdp: a tabular meta-gradient fn(task, rng) -> [S, A]; ipd: both players' LOLA "
+                   "gradients on the iterated prisoner's dilemma, fn(game, rng) -> [2, 5].")
+@click.option("--problem", type=click.Choice(["maml", "lirpg"]), default=None,
+              help="mdp: maml (φ = θ0, the default) or lirpg (φ = intrinsic reward table, θ0 = 0).")
+@click.option("--steps", "-K", type=int, default=None, help="mdp: inner steps K [default: 1].")
+@click.option("--lr", type=float, default=None,
+              help="Inner (mdp) or look-ahead (ipd) learning rate α [default: 10 mdp, 1 ipd].")
+@click.option("--mdps", type=int, default=None, help="mdp: random reference MDPs [default: 10].")
+@click.option("--points", type=int, default=None,
+              help="ipd: random parameter points (θ1, θ2) ~ N(0, 1) [default: 8].")
 @click.option("--repeats", type=int, default=50, show_default=True,
-              help="Calls of your function per MDP (>= 3).")
-@click.option("--theta0", default="zeros", show_default=True,
-              help="maml's θ0: zeros (uniform policy), normal (N(0,1) per MDP) or FILE.npy [S, A].")
+              help="Calls of your function per MDP or point (>= 3).")
+@click.option("--theta0", default=None,
+              help="mdp, maml's θ0: zeros (uniform policy, the default), normal (N(0,1) per MDP) or "
+                   "FILE.npy [S, A].")
+@click.option("--thetas", default=None,
+              help="ipd: normal (the default: --points random points), zeros (the LOLA start) or "
+                   "FILE.npy [2, 5] / [M, 2, 5].")
+@click.option("--gamma", type=float, default=None, help="ipd: discount γ [default: 0.96].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--horizon", "-T", type=int, default=20, show_default=True, help="Episode length T.")
 @click.option("--jax/--python", "use_jax", default=None,
@@ -70,22 +95,49 @@ def parse_theta0(text: str):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write configuration, statistics and diagnosis (JSON).")
-def check_command(target, problem, steps, lr, mdps, repeats, theta0, seed, horizon, use_jax, alpha,
-                  progress, out):
-    """Check FILE.py:FUNCTION, a meta-gradient fn(task, rng) -> [S, A], against the exact one.
+def check_command(target, game, problem, steps, lr, mdps, points, repeats, theta0, thetas, gamma,
+                  seed, horizon, use_jax, alpha, progress, out):
+    """Check FILE.py:FUNCTION, a meta-gradient fn(task, rng) -> [S, A] (or, with --game ipd, a LOLA
+    gradient fn(game, rng) -> [2, 5]), against the exact one.
 
-    Prints bias2 ± 95% CI, variance and corr per MDP and pooled, then the diagnosis:
-    second-order-unbiased, first-order, vanilla-logprob-hessian, lvc-hessian, scaled or unexplained.
+    Prints bias2 ± 95% CI, variance and corr per MDP (point) and pooled, then the diagnosis:
+    second-order-unbiased, first-order, vanilla-logprob-hessian, lvc-hessian, scaled or unexplained
+    (ipd: second-order-unbiased, first-order, naive, scaled or unexplained).
     """
+    given = dict(problem=problem, steps=steps, mdps=mdps, theta0=theta0, points=points,
+                 thetas=thetas, gamma=gamma)
+    other = IPD_ONLY if game == "mdp" else TABULAR_ONLY
+    wrong = [f"--{name}" for name in other if given[name] is not None]
+    require(not wrong, f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to "
+            f"--game {game}")
     require(out is None or out.suffix == ".json", f"--out must name a .json file, got {out}")
-    fn = load_function(target)
-    result = gmrl.check.check(fn, problem=problem, steps=steps, lr=lr, mdps=mdps, repeats=repeats,
-                              theta0=parse_theta0(theta0), seed=seed, jax=use_jax, horizon=horizon,
-                              alpha=alpha, progress=progress)
+    if game == "ipd":
+        from gmrl.check import lola
+
+        thetas = parse_thetas("normal" if thetas is None else thetas)
+        fn = load_function(target)
+        result = lola.check_lola(fn, thetas=thetas, points=8 if points is None else points,
+                                 repeats=repeats, lr=lola.LR if lr is None else lr,
+                                 gamma=lola.ipd.GAMMA if gamma is None else gamma, horizon=horizon,
+                                 seed=seed, jax=use_jax, alpha=alpha, progress=progress)
+        c = result.config
+        head = (f"gmrl check {target}: ipd LOLA, α={c['lr']}, γ={c['gamma']}, T={horizon}, "
+                f"{c['points']} points × {repeats} repeats ({c['path']} path); "
+                f"sample calls {result.calls}")
+    else:
+        problem, steps = problem or "maml", 1 if steps is None else steps
+        lr = 10.0 if lr is None else lr
+        theta0 = parse_theta0("zeros" if theta0 is None else theta0)
+        fn = load_function(target)
+        result = gmrl.check.check(fn, problem=problem, steps=steps, lr=lr,
+                                  mdps=10 if mdps is None else mdps, repeats=repeats, theta0=theta0,
+                                  seed=seed, jax=use_jax, horizon=horizon, alpha=alpha,
+                                  progress=progress)
+        head = (f"gmrl check {target}: {problem}, K={steps}, α={lr}, T={horizon}, "
+                f"{result.config['mdps']} MDPs × {repeats} repeats ({result.config['path']} path); "
+                f"sample calls {result.calls}")
     seconds = result.seconds
-    click.echo(f"gmrl check {target}: {problem}, K={steps}, α={lr}, T={horizon}, "
-               f"{result.config['mdps']} MDPs × {repeats} repeats ({result.config['path']} path); "
-               f"sample calls {result.calls}")
+    click.echo(head)
     click.echo(f"{seconds['per_estimate'] * 1e3:.2f} ms per estimate; candidates "
                f"{seconds['candidates']:.1f} s; total {seconds['total']:.1f} s")
     click.echo(result.report())
