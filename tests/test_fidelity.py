@@ -201,3 +201,19 @@ def test_lirpg_ele_at_one_step_is_unbiased_for_every_estimator(estimator):
                             inner=exact, hessian=mg.Ingredient(estimator, 16), outer=exact)
     samples = estimates(cfg, mdp, phi, 20_000, seed=4)
     assert_unbiased(samples, np.asarray(mg.exact_meta_gradient(cfg, mdp, phi, estimator)).reshape(-1))
+
+
+@pytest.mark.parametrize("critic_gradient, biased", [(True, False), (False, True)])
+def test_lirpg_one_step_bias_with_gae_below_one_comes_from_a_detached_critic(critic_gradient, biased):
+    """GAE λ = 0.9 (the reference's LIRPG setting), K = 1, ele: with the critic V_{sg θ}(R + φ)
+    differentiated in φ (the reference's default) the Jacobian ∂²L/∂θ∂φ is unbiased; held fixed
+    (its --detach_value_gradient), the λ-discounted reward-to-go misses part of it."""
+    mdp = small_mdp(2)
+    phi = jnp.zeros((S, A))
+    exact = mg.Ingredient("loaded")
+    cfg = mg.MetaGradConfig(problem="lirpg", steps=1, lr=5.0, horizon=4, oracle="finite", gae_lambda=0.9,
+                            critic_gradient=critic_gradient, inner=exact,
+                            hessian=mg.Ingredient("loaded", 16), outer=exact)
+    samples = estimates(cfg, mdp, phi, 20_000, seed=5)
+    truth = np.asarray(mg.exact_meta_gradient(cfg, mdp, phi, "loaded")).reshape(-1)
+    (assert_biased if biased else assert_unbiased)(samples, truth)

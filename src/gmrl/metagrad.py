@@ -100,7 +100,9 @@ class MetaGradConfig:
     steps K >= 1; lr α > 0; horizon T >= 1 of sampled trajectories (and of the finite oracle);
     noise: critic noise scale (reference: 1.0); loaded_lambda: Loaded DiCE λ; gae_lambda: λ of the
     advantage (1 gives G_t − V(s_t)); hessian_error: c of the injected Hessian error
-    mean(θ² ⊙ E), E = c + 0.3·N(0, 1) per step (0 disables it).
+    mean(θ² ⊙ E), E = c + 0.3·N(0, 1) per step (0 disables it); critic_gradient: the critic
+    V_{sg θ}(R + φ) keeps its gradient in the reward table (the reference's LIRPG default; False
+    holds it fixed, its `--detach_value_gradient`). The critic never carries a gradient in θ.
     """
 
     problem: str = "maml"
@@ -115,6 +117,7 @@ class MetaGradConfig:
     loaded_lambda: float = 1.0
     gae_lambda: float = 1.0
     hessian_error: float = 0.0
+    critic_gradient: bool = True
 
     def __post_init__(self):
         require(self.problem in PROBLEMS,
@@ -223,14 +226,21 @@ def exact_objective(cfg: MetaGradConfig, mdp: tabular.TabularMDP, theta: Array, 
     """The exact expectation an ingredient estimates. Returns [].
 
     infinite oracle: J(θ) closed form. finite oracle: J_T(θ) with the bootstrap the estimator's
-    surrogate uses, sg(V_θ) (dice: none), so that estimator bias is separated from truncation.
+    surrogate uses, sg(V_θ) (dice: none; V_{sg θ}(reward) with cfg.critic_gradient), so that
+    estimator bias is separated from truncation.
     """
     if cfg.oracle == "infinite":
         return tabular.exact_return(mdp, theta, reward)
     bootstrap = None
     if estimator == "exact" or est.USES_CRITIC[estimator]:
-        bootstrap = lax.stop_gradient(tabular.state_values(mdp, theta, reward))
+        bootstrap = critic_values(cfg, mdp, theta, reward)
     return tabular.finite_horizon_return(mdp, theta, cfg.horizon, bootstrap, reward)
+
+
+def critic_values(cfg: MetaGradConfig, mdp: tabular.TabularMDP, theta: Array, reward: Array) -> Array:
+    """V_{sg θ}(reward) [S]: without gradient, or with its gradient in `reward` if cfg.critic_gradient."""
+    values = tabular.state_values(mdp, lax.stop_gradient(theta), reward)
+    return values if cfg.critic_gradient else lax.stop_gradient(values)
 
 
 def sampled_objective(key: Array, cfg: MetaGradConfig, mdp: tabular.TabularMDP, theta: Array,
@@ -238,7 +248,8 @@ def sampled_objective(key: Array, cfg: MetaGradConfig, mdp: tabular.TabularMDP, 
     """Mean surrogate of `estimator` over `samples` on-policy trajectories of π_θ. Returns [].
 
     Trajectories come from sg(π_θ); the critic (estimators that use one) is the reference noisy
-    exact V (no gradient); rewards are gathered from `reward` [S, A] so they carry its gradient.
+    exact V, with no gradient in θ and, if cfg.critic_gradient, the gradient of V_{sg θ}(reward)
+    in `reward`; rewards are gathered from `reward` [S, A] so they carry its gradient.
     `count` (traced int <= samples) averages over the first `count` trajectories only, so that one
     compiled program serves every sample size up to `samples`.
     """
@@ -248,6 +259,9 @@ def sampled_objective(key: Array, cfg: MetaGradConfig, mdp: tabular.TabularMDP, 
     rewards = reward[traj.states, traj.actions]
     if est.USES_CRITIC[estimator]:
         critic = tabular.noisy_critic(key_critic, mdp, theta, cfg.noise, reward)
+        if cfg.critic_gradient:  # the value of the noisy critic, the gradient of V_{sg θ}(reward)
+            exact = critic_values(cfg, mdp, theta, reward)
+            critic = exact + lax.stop_gradient(critic - exact)
     else:
         critic = jnp.zeros(mdp.num_states, rewards.dtype)
     values, bootstrap = critic[traj.states], critic[traj.final_states]

@@ -68,18 +68,23 @@ def format_table(summary: dict) -> str:
               help="infinite: closed-form J; finite: J_T with the estimators' bootstrap.")
 @click.option("--loaded-lambda", type=float, default=1.0, show_default=True,
               help="Loaded DiCE λ (1 = unbiased).")
+@click.option("--critic-gradient/--detach-critic", default=True, show_default=True,
+              help="LIRPG: differentiate the critic V(R + φ) in φ (the reference's default) or hold it "
+                   "fixed (its --detach_value_gradient). No effect for maml.")
 @click.option("--theta0", default="zeros", show_default=True,
               help="MAML's θ0: zeros (uniform policy, as in the reference study), normal (N(0,1) per "
                    "MDP from --seed) or FILE.npy holding an [S, A] table.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write config, per-MDP figures, exact meta-gradients and mean estimates (JSON).")
 def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, actions, repeats,
-                    seed, mdp_file, inner, hessian, outer, oracle, loaded_lambda, theta0, out):
+                    seed, mdp_file, inner, hessian, outer, oracle, loaded_lambda, critic_gradient, theta0,
+                    out):
     """Exact vs decomposed meta-gradient estimates on tabular MDPs (docs/design.md)."""
     cfg = mg.MetaGradConfig(
         problem=problem, steps=steps, lr=lr, horizon=horizon, noise=noise,
         inner=mg.Ingredient.parse(inner), hessian=mg.Ingredient.parse(hessian),
-        outer=mg.Ingredient.parse(outer), oracle=oracle, loaded_lambda=loaded_lambda)
+        outer=mg.Ingredient.parse(outer), oracle=oracle, loaded_lambda=loaded_lambda,
+        critic_gradient=critic_gradient)
     require(repeats >= 3, f"--repeats must be >= 3 (bias2 needs 3), got {repeats}")
     require(out is None or out.suffix == ".json", f"--out must name a .json file, got {out}")
     user_mdp = tabular.load_mdp(mdp_file) if mdp_file is not None else None

@@ -65,7 +65,7 @@ def base_config(name: str, quick: bool, oracle: str, seed: int) -> dict[str, Any
             "capacity": 32, "steps": 1, "lr": 10.0, "oracle": oracle, "hessian_error": 0.0,
             "gae_lambda": 1.0, "mdps": 10, "repeats": 50 if quick else REPEATS[name], "states": 20,
             "actions": 5, "gamma": 0.8, "horizon": 20, "noise": 1.0, "seed": seed,
-            "theta0": "zeros", "max_steps": 1}
+            "theta0": "zeros", "max_steps": 1, "critic_gradient": True}
 
 
 # The compiled loop length K_max of each study: studies that share (estimator, capacity, K_max) and
@@ -75,7 +75,7 @@ MAX_STEPS = {"decompose": 2, "comp-samples": 2, "lr": 6, "steps": 6, "comp-lr": 
 # Repeats per MDP at full scale: the reference's 20 where that decides the study's findings, more
 # where the bias is small against its noise (see docs/studies.md, "Repeats").
 REPEATS = {"decompose": 20, "lr": 20, "steps": 20, "comp-lr": 60, "comp-samples": 60,
-           "comp-steps": 100, "hessian-bias": 20, "lirpg": 40}
+           "comp-steps": 400, "hessian-bias": 20, "lirpg": 40}
 
 
 def study_grids(name: str, quick: bool = False, oracle: str = "infinite", seed: int = 0,
@@ -180,7 +180,8 @@ def metagrad_config(config: Mapping[str, Any]) -> mg.MetaGradConfig:
         problem=config["problem"], steps=int(config["max_steps"]), lr=1.0,
         horizon=int(config["horizon"]), noise=float(config["noise"]), inner=ingredients[0],
         hessian=ingredients[1], outer=ingredients[2], oracle=config["oracle"],
-        gae_lambda=float(config["gae_lambda"]), hessian_error=1.0 if config["hessian_error"] else 0.0)
+        gae_lambda=float(config["gae_lambda"]), hessian_error=1.0 if config["hessian_error"] else 0.0,
+        critic_gradient=bool(config["critic_gradient"]))
 
 
 SAME_INNER_GRADIENT = ("loaded", "lvc", "maml")
