@@ -95,6 +95,13 @@ def _check_theta(value: Any, which: str, jax_path: bool) -> Any:
     return theta
 
 
+def _size(n: Any) -> int:
+    try:
+        return _check_size(n)
+    except SampleError as err:
+        raise SampleError(str(err).replace("task.sample(theta, n, rng)", SIGNATURE)) from None
+
+
 def sample_numpy(rng: np.random.Generator, theta1: np.ndarray, theta2: np.ndarray, n: int,
                  horizon: int) -> GameEpisodes:
     """n joint episodes of the memory-one policies σ(θ1), σ(θ2): a loop over the T steps."""
@@ -149,7 +156,7 @@ class Game:
 
     def sample(self, theta1, theta2, n, rng) -> GameEpisodes:
         """n joint episodes at (θ1, θ2): states, actions, rewards [n, T, 2] (player last)."""
-        n = _check_size(n)
+        n = _size(n)
         theta1 = _check_theta(theta1, "theta1", False)
         theta2 = _check_theta(theta2, "theta2", False)
         if not isinstance(rng, np.random.Generator):
@@ -175,7 +182,7 @@ class JaxGame(NamedTuple):
 
     def sample(self, theta1, theta2, n, rng) -> GameEpisodes:
         """n joint episodes at (θ1, θ2) (no gradient through sampling)."""
-        n = _check_size(n)
+        n = _size(n)
         theta1 = _check_theta(theta1, "theta1", True)
         theta2 = _check_theta(theta2, "theta2", True)
         if not (isinstance(rng, jax.Array) and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
