@@ -1,4 +1,4 @@
-"""Seconds per decomposed meta-gradient estimate (DESIGN §5) on the reference tabular problem.
+"""Seconds per decomposed meta-gradient estimate (docs/design.md) on the reference tabular problem.
 
 Code lll with DiCE and 32 trajectories per ingredient, S=20, A=5, T=20, float64, vmapped over
 20 repeats × 10 MDPs; K = 1 and 3. Prints compile time, seconds per batch and per estimate, and the

@@ -1,4 +1,4 @@
-"""DESIGN §4: every estimator's unbiasedness claim, checked against the exact finite-horizon oracle."""
+"""docs/design.md, estimators: each unbiasedness claim against the exact finite-horizon oracle."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""DESIGN §2, §5: exact K-step meta-gradients and the decomposed stochastic estimate."""
+"""docs/design.md: exact K-step meta-gradients and the decomposed stochastic estimate."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""DESIGN §6 statistics on synthetic estimates with known bias and variance."""
+"""The statistics of docs/design.md on synthetic estimates with known bias and variance."""
 
 import numpy as np
 import pytest

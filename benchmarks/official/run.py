@@ -72,8 +72,10 @@ class Row:
         return args + list(self.ref_extra)
 
     def gmrl_config(self) -> dict:
+        # gmrl's critic follows the reference's: differentiated in φ unless it is detached there
         return {"problem": self.problem, "steps": self.steps, "lr": 10.0, "horizon": 20, "noise": 1.0,
-                "gae_lambda": 0.9 if self.problem == "lirpg" else 1.0, **self.ingredients()}
+                "gae_lambda": 0.9 if self.problem == "lirpg" else 1.0,
+                "critic_gradient": "--detach_value_gradient" not in self.ref_extra, **self.ingredients()}
 
     @property
     def script(self) -> str:

@@ -1,7 +1,7 @@
 """Policy-gradient surrogate objectives whose derivatives are the gradient/Hessian estimates.
 
-DESIGN §4. Every function works on ONE trajectory of time-indexed 1-D arrays of length T; callers
-`jax.vmap` over a batch and average. Time indexing, for t = 0..T-1:
+docs/design.md (estimators). Every function works on ONE trajectory of time-indexed 1-D arrays of
+length T; callers `jax.vmap` over a batch and average. Time indexing, for t = 0..T-1:
 
   log_prob[t]            log π_θ(a_t|s_t), differentiable in θ (the policy being differentiated)
   behaviour_log_prob[t]  log μ(a_t|s_t) of the policy that sampled a_t (recorded; no gradient).
@@ -20,7 +20,7 @@ With ρ_t = π_θ(a_t|s_t)/μ(a_t|s_t) = exp(log π − log μ) and w_t = Π_{i�
 
 where γ^t = Π_{i<t} γ_i. On-policy the values of ρ_t and w_t are 1, and only their derivatives matter.
 All four give unbiased gradients; dice and loaded_dice (λ = 1) give unbiased derivatives of every
-order; lvc and maml give biased Hessians (Tang et al. 2022, "A Theoretical Understanding of Gradient
+order; lvc and maml give biased Hessians (Liu, Feng et al. 2022, "A Theoretical Understanding of Gradient
 Bias in Meta-Reinforcement Learning", Table 1).
 """
 

@@ -37,7 +37,7 @@ ORACLES = ("infinite", "finite")
 def straight_through(value, differentiable):
     """`value` in the forward pass, the derivative of `differentiable` in the backward pass.
 
-    Returns sg(value) + differentiable − sg(differentiable) (pytrees of equal structure). DESIGN §5:
+    Returns sg(value) + differentiable − sg(differentiable) (pytrees of equal structure). docs/design.md:
     with value = θ + α ĝ_in and differentiable = θ + α ∇L_H(θ), the step has the inner estimate's
     value and the Jacobian I + α ∇²L_H of the Hessian estimate.
     """

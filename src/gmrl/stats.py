@@ -1,4 +1,4 @@
-"""Statistics of repeated meta-gradient estimates against the exact one (DESIGN §6).
+"""Statistics of repeated meta-gradient estimates against the exact one (docs/design.md, statistics).
 
 Shapes: `estimates` is [R, d] (R repeated estimates of a d-dimensional gradient) or [M, R, d] for M
 MDPs; `truth` is [d] or [M, d]. All figures are computed in float64 with numpy.

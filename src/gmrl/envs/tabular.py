@@ -1,6 +1,6 @@
 """Tabular MDPs with softmax policies: generator, validation, exact oracle, batched sampler.
 
-DESIGN §3. A policy is a logit table θ of shape [S, A] with π_θ(a|s) = softmax(θ[s, :]).
+docs/design.md (tabular oracle). A policy is a logit table θ of shape [S, A] with π_θ(a|s) = softmax(θ[s, :]).
 Exact quantities are closed forms differentiated by autodiff; call them inside
 `jax.enable_x64(True)` when they serve as an oracle (float32 is off by ~1e-6 relative).
 """
