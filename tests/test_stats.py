@@ -44,7 +44,7 @@ def test_corr_and_std_sum():
     assert stats.corr(same, truth) == pytest.approx(1.0)
     assert stats.corr(-same, truth) == pytest.approx(-1.0)
     assert stats.std_sum(same) == pytest.approx(0.0)
-    assert stats.std_sum(np.array([[0.0, 1.0], [2.0, 1.0]])) == pytest.approx(1.0)
+    assert stats.std_sum(np.array([[0.0, 1.0], [2.0, 1.0]])) == pytest.approx(np.sqrt(2.0))  # ddof 1
 
 
 def test_mean_ci():
@@ -59,3 +59,11 @@ def test_bad_inputs():
         stats.bias2(np.zeros((2, 3)), np.zeros(3))
     with pytest.raises(InputError, match="NaN"):
         stats.summarize(np.full((4, 3), np.nan), np.zeros(3))
+
+
+def test_std_sum_is_the_reference_var_a_sum_of_ddof_one_standard_deviations():
+    """The reference's "var" is Σ_coords torch.std(ĝ) (unbiased, ddof 1): at R = 20 a ddof-0 sum
+    reads sqrt(19/20), 2.5%, low."""
+    x = np.random.default_rng(3).normal(size=(2, 20, 5))
+    by_hand = np.sqrt(((x - x.mean(1, keepdims=True)) ** 2).sum(1) / 19).sum(-1)
+    np.testing.assert_allclose(stats.std_sum(x), by_hand, rtol=1e-13)
