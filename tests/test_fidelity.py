@@ -190,10 +190,11 @@ def test_lirpg_ele_is_unbiased_for_dice_and_loaded_and_biased_for_lvc_and_maml(e
     (assert_biased if biased else assert_unbiased)(samples, truth)
 
 
-@pytest.mark.parametrize("estimator", est.SAMPLED_ESTIMATORS)
+@pytest.mark.parametrize("estimator", ["loaded", "maml"])
 def test_lirpg_ele_at_one_step_is_unbiased_for_every_estimator(estimator):
     """K = 1: the only Jacobian is the mixed ∂²L/∂θ∂φ, which every estimator gets right in
-    expectation (GAE λ = 1, critic held fixed), so small negative bias2 values at K = 1 are noise."""
+    expectation (GAE λ = 1), so small negative bias2 values at K = 1 are noise. (dice, lvc and maml
+    give the same estimate draw by draw here: their reward-to-go sums rearrange into each other.)"""
     mdp = small_mdp(2)
     phi = jnp.zeros((S, A))
     exact = mg.Ingredient(estimator)
