@@ -154,6 +154,10 @@ def findings(rows: list[dict], study: str) -> list[str]:
     return lines
 
 
+def _theta0_text(theta0) -> str:
+    return theta0 if isinstance(theta0, str) else f"a user table (max |θ0| {np.max(np.abs(theta0)):.3g})"
+
+
 def write_report(rows: list[dict], study: str, path: Path, seconds: float | None = None) -> Path:
     """Write report.md (atomically) for one study's rows."""
     from gmrl.io import atomic_write_text
@@ -163,7 +167,10 @@ def write_report(rows: list[dict], study: str, path: Path, seconds: float | None
     header = [f"# gmrl study {study}", "",
               f"{first['mdps']} MDPs × {first['repeats']} repeats per point, S={first['states']}, "
               f"A={first['actions']}, γ={first['gamma']}, T={first['horizon']}, oracle "
-              f"{first['oracle']}, seed {first['seed']}; {len(mine)} points"
+              f"{first['oracle']}, θ0 {_theta0_text(first.get('theta0', 'zeros'))}"
+              + (f", critic gradient in φ {'on' if first.get('critic_gradient', False) else 'off'}"
+                 if first["problem"] == "lirpg" else "")
+              + f", seed {first['seed']}; {len(mine)} points"
               + (f"; {seconds:.0f} s wall time this run" if seconds is not None else "") + ".",
               "bias2 is the unbiased squared bias per coordinate ± its 95% CI (jackknife); each "
               "line compares the two ends of the axis (difference, and ratio where both ends are "
