@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import sqlite3
 import sys
 
 import click
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"gmrl: error: this command needs the package {err.name!r} of the optional "
                    f"extra gmrl[{extra}]; install it with: pip install 'gmrl[{extra}]'", err=True)
+        sys.exit(2)
+    except sqlite3.DatabaseError as err:
+        click.echo(f"gmrl: error: a result store is damaged or unreadable ({err}); move its "
+                   "results.sqlite away (the figures and CSV beside it stay) or give another --out",
+                   err=True)
         sys.exit(2)
     except OSError as err:
         if err.errno not in _DISK_ERRORS:

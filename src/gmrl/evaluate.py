@@ -36,6 +36,19 @@ def problem_set(seed: int, cfg: mg.MetaGradConfig, num_mdps: int = 10, num_state
     return mdps, phis
 
 
+def require_memory(needed: int, what: str) -> None:
+    """InputError before computing when `needed` bytes exceed 80% of this machine's memory."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    require(needed <= 0.8 * total,
+            f"{what} need about {needed / 2**30:,.1f} GiB, more than this machine's "
+            f"{total / 2**30:.0f} GiB allows; use fewer samples, repeats, MDPs or a shorter horizon")
+
+
 def oracle_estimator(cfg: mg.MetaGradConfig) -> str:
     """Which surrogate's expectation the finite oracle takes: the one the ingredients share."""
     if cfg.oracle == "infinite":
@@ -57,8 +70,11 @@ def evaluate(cfg: mg.MetaGradConfig, mdps: tabular.TabularMDP, phis, seed: int,
     """
     require(isinstance(repeats, int) and repeats >= 3,
             f"the number of repeats must be an integer >= 3 (bias2 needs 3), got {repeats}")
+    count = mdps.R.shape[0]
+    require_memory(mg.estimate_bytes(cfg, count * repeats),
+                   f"{count} MDP(s) × {repeats} repeats of K={cfg.steps} steps, T={cfg.horizon}, "
+                   f"{cfg.inner}/{cfg.hessian}/{cfg.outer}")
     with jax.enable_x64(True):
-        count = mdps.R.shape[0]
         keys = jax.random.split(jax.random.key(seed), (count, repeats))
         exact = np.asarray(mg.batched_exact(cfg, oracle_estimator(cfg))(mdps, phis))
         estimate = mg.batched_estimates(cfg)
@@ -69,5 +85,9 @@ def evaluate(cfg: mg.MetaGradConfig, mdps: tabular.TabularMDP, phis, seed: int,
             "the estimates contain NaN or infinity (a learning rate this large can overflow the "
             "importance weights); try a smaller --lr or fewer --steps")
     summary = stats.summarize(estimates.reshape(count, repeats, -1), exact.reshape(count, -1))
+    flat = [m for m, c in enumerate(summary["per_mdp"]["corr"]) if not np.isfinite(c)]
+    require(not flat, f"the correlation is undefined for MDP(s) {flat}: every estimate there is constant "
+            "across coordinates (the policy saturates, typical of a very large α·K); try a smaller "
+            "--lr or fewer --steps")
     return {"exact": exact, "estimates": estimates, "summary": summary,
             "seconds": {"first_call": first}}

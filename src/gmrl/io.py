@@ -134,3 +134,22 @@ def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
         raise InputError(f"{option} {path} is not a writable folder ({err.strerror or err}); give "
                          "a folder you can write to") from None
     return path
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on FOLDER/.gmrl.lock for the block; a second gmrl run on the same
+    folder gets one line instead of computing the same points twice."""
+    import fcntl
+
+    path = Path(folder) / ".gmrl.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"{option} {folder} is in use by another gmrl run; wait for it to "
+                             "finish or give another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

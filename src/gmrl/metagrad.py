@@ -124,8 +124,8 @@ class MetaGradConfig:
                 f"unknown problem {self.problem!r}; allowed: {', '.join(PROBLEMS)}")
         require(self.oracle in ORACLES,
                 f"unknown oracle {self.oracle!r}; allowed: {', '.join(ORACLES)}")
-        _require_int(self.steps, "the number of inner steps K", 1)
-        _require_int(self.horizon, "the horizon T", 1)
+        _require_int(self.steps, "the number of inner steps K", 1, MAX_STEPS)
+        _require_int(self.horizon, "the horizon T", 1, MAX_HORIZON)
         require(_finite(self.lr) and self.lr > 0, f"the inner learning rate must be > 0, got {self.lr}")
         require(_finite(self.noise) and self.noise >= 0,
                 f"the critic noise must be >= 0, got {self.noise}")
@@ -144,9 +144,22 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and x == x and abs(x) != float("inf")
 
 
-def _require_int(value, what: str, minimum: int) -> None:
+MAX_STEPS, MAX_HORIZON = 1_000, 100_000
+
+
+def _require_int(value, what: str, minimum: int, maximum: int | None = None) -> None:
     require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
             f"{what} must be an integer >= {minimum}, got {value!r}")
+    require(maximum is None or value <= maximum, f"{what} must be at most {maximum:,}, got {value:,}")
+
+
+def estimate_bytes(cfg: MetaGradConfig, estimates: int) -> int:
+    """A rough upper estimate of the memory `estimates` vmapped decomposed estimates need: about 200
+    bytes per sampled (trajectory, time step) — indices, log-probs, rewards, critic values,
+    advantages and their cotangents — for each of the 2K + 1 sampled ingredients."""
+    per_step = sum(0 if i.is_exact else i.samples for i in (cfg.inner, cfg.hessian))
+    trajectories = cfg.steps * per_step + (0 if cfg.outer.is_exact else cfg.outer.samples)
+    return 200 * estimates * trajectories * cfg.horizon
 
 
 THETA0_CHOICES = ("zeros", "normal")

@@ -237,11 +237,28 @@ def _run_ray(groups, point_fn, batch_fn, address, ray_init_kwargs) -> Iterator[G
             ray.shutdown()
 
 
+def _require_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, when nothing listens at a Ray address HOST:PORT (ray.init would
+    retry for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    require(bool(host) and port.isdigit(),
+            f"a Ray address is HOST:PORT (e.g. 127.0.0.1:6379), 'auto' or 'local'; got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise InputError(f"no Ray cluster answers at {address} ({err.strerror or err}); start one "
+                         "with `ray start --head` or leave out --address for a local Ray") from None
+
+
 def _init_ray(ray, address: str | None, ray_init_kwargs: Mapping[str, Any] | None) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if address is None:
         kwargs["num_cpus"] = os.cpu_count()
     kwargs.update(ray_init_kwargs or {})
+    if address not in (None, "auto", "local"):
+        _require_reachable(address)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:

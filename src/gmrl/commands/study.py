@@ -24,8 +24,9 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
     @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
                   show_default=True, help="local: in-process, vectorised; ray: a task per group.")
     @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
-    @click.option("--out", type=click.Path(path_type=Path), default=Path(f"results/{name}"),
-                  show_default=True, help="Folder for results.sqlite, results.csv, PNGs, report.md.")
+    @click.option("--out", type=click.Path(path_type=Path), default=None,
+                  help=f"Folder for results.sqlite, results.csv, PNGs, report.md [default: results/{name}, "
+                       "with -quick, -finite, -seedS, -theta0-… for other settings].")
     @click.option("--oracle", type=click.Choice(["infinite", "finite"]), default="infinite",
                   show_default=True, help="finite: exact expectations of the sampled surrogates.")
     @click.option("--theta0", default="zeros", show_default=True,
@@ -43,10 +44,12 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
                   help="Testing: only the points of the first N compiled programs per study.")
     def command(quick, backend, address, out, oracle, theta0, estimators, seed, progress, mdps,
                 repeats, max_groups):
-        from gmrl.studies.run import run_studies
+        from gmrl.studies.run import default_out, run_studies
 
         require(address is None or backend == "ray", "--address applies only to --backend ray")
         overrides = {k: v for k, v in (("mdps", mdps), ("repeats", repeats)) if v is not None}
+        if out is None:
+            out = default_out(name, quick, oracle, seed, theta0)
         summary, seconds, written = run_studies(
             names, out, quick=quick, oracle=oracle, seed=seed, theta0=_theta0(theta0),
             backend=backend, address=address, progress=progress, overrides=overrides,

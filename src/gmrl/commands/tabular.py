@@ -87,6 +87,9 @@ def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, act
         critic_gradient=critic_gradient)
     require(repeats >= 3, f"--repeats must be >= 3 (bias2 needs 3), got {repeats}")
     require(out is None or out.suffix == ".json", f"--out must name a .json file, got {out}")
+    if out is not None:  # before any computation: a folder we can write the file into
+        require(not out.is_dir(), f"--out {out} is a folder; give a FILE.json path")
+        io.prepare_output_dir(out.parent, "--out's folder")
     user_mdp = tabular.load_mdp(mdp_file) if mdp_file is not None else None
     if user_mdp is None:
         require(mdps >= 1, f"--mdps must be >= 1, got {mdps}")

@@ -72,6 +72,8 @@ def random_mdps(key: Array, num_mdps: int, **kwargs) -> TabularMDP:
 
 
 def _check_gamma(gamma) -> None:
+    require(isinstance(gamma, int | float | np.integer | np.floating) and not isinstance(gamma, bool),
+            f"the discount gamma must be a number in [0, 1), got {gamma!r}")
     require(bool(np.isfinite(gamma)) and 0.0 <= float(gamma) < 1.0,
             f"the discount gamma must be in [0, 1), got {gamma}")
 
@@ -82,8 +84,11 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     Raises InputError naming the problem: shapes, NaN/inf, negative or non-normalised rows of P,
     gamma outside [0, 1), start state out of range.
     """
-    P = np.asarray(P, dtype=np.float64)
-    R = np.asarray(R, dtype=np.float64)
+    try:
+        P = np.asarray(P, dtype=np.float64)
+        R = np.asarray(R, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("P and R must be numeric arrays (P [S, A, S], R [S, A])") from None
     require(P.ndim == 3 and P.shape[0] == P.shape[2],
             f"P must have shape [S, A, S] (states, actions, next states), got {P.shape}")
     require(R.shape == P.shape[:2],
@@ -105,16 +110,30 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
 
 def load_mdp(path: str | os.PathLike) -> TabularMDP:
     """Load an MDP from `.npz` with keys P, R, gamma and optional init_state (default 0)."""
-    require(os.path.isfile(path), f"MDP file {os.fspath(path)!r} does not exist")
+    import zipfile
+
+    name = os.fspath(path)
+    require(os.path.isfile(path), f"MDP file {name!r} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read MDP file {os.fspath(path)!r} as .npz: {err}") from None
-    missing = [k for k in ("P", "R", "gamma") if k not in data.files]
-    require(not missing, f"MDP file {os.fspath(path)!r} lacks key(s) {missing}; "
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"cannot read MDP file {name!r} as .npz: {err}") from None
+    require(isinstance(data, np.lib.npyio.NpzFile),
+            f"MDP file {name!r} is not an .npz archive (np.savez) of P, R and gamma")
+    try:
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"cannot read MDP file {name!r} as .npz: {err}") from None
+    missing = [k for k in ("P", "R", "gamma") if k not in arrays]
+    require(not missing, f"MDP file {name!r} lacks key(s) {missing}; "
             "required: P [S, A, S], R [S, A], gamma; optional: init_state")
-    init_state = data["init_state"].item() if "init_state" in data.files else 0
-    return make_mdp(data["P"], data["R"], data["gamma"].item(), init_state)
+    for key in ("gamma", "init_state"):
+        value = arrays.get(key)
+        require(value is None or (value.size == 1 and value.dtype.kind in "biuf"),
+                f"{key} in {name!r} must be one number, got {value!r}")
+    init_state = arrays["init_state"].item() if "init_state" in arrays else 0
+    return make_mdp(arrays["P"], arrays["R"], arrays["gamma"].item(), init_state)
 
 
 def load_theta(path: str | os.PathLike, num_states: int, num_actions: int) -> np.ndarray:

@@ -33,20 +33,32 @@ def run_studies(names: Sequence[str], out: Path, *, quick: bool = False, oracle:
 
     Returns (sweep summary, wall seconds, written paths).
     """
+    from gmrl.io import folder_lock
+    from gmrl.runs import claim_folder
     from gmrl.store import ResultStore
     from gmrl.sweep import run_sweep
 
     out = Path(out)
-    require(not out.exists() or out.is_dir(), f"--out must be a folder, got the file {out}")
     points = study_points(names, quick, oracle, seed, theta0, overrides, max_groups, estimators)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {"studies": list(names), "quick": quick, "oracle": oracle, "seed": seed,
+                "theta0": theta0, "overrides": dict(overrides or {}), "max_groups": max_groups,
+                "estimators": list(estimators) if estimators else None}
     started = time.perf_counter()
-    with ResultStore(out / "results.sqlite") as store:
+    claim_folder(out, settings, "tabular study")  # one folder, one study configuration
+    with folder_lock(out), ResultStore(out / "results.sqlite") as store:
         summary = run_sweep(points, studies.compute_point, store, backend=backend, address=address,
                             batch_fn=studies.batch_points, group_key=studies.group_key,
                             progress=progress, description="study " + "+".join(names))
-    seconds = time.perf_counter() - started
-    return summary, seconds, write_outputs(out, list(names), seconds, combined=len(names) > 1)
+        seconds = time.perf_counter() - started
+        return summary, seconds, write_outputs(out, list(names), seconds, combined=len(names) > 1)
+
+
+def default_out(name: str, quick: bool, oracle: str, seed: int, theta0: str) -> Path:
+    """results/NAME, with -quick, -finite, -seedS, -theta0-normal|file for non-default settings."""
+    parts = [name] + (["quick"] if quick else []) + ([oracle] if oracle != "infinite" else [])
+    parts += ([f"seed{seed}"] if seed != 0 else []) + (
+        [f"theta0-{theta0 if theta0 in ('zeros', 'normal') else 'file'}"] if theta0 != "zeros" else [])
+    return Path("results") / "-".join(parts)
 
 
 def write_outputs(out: Path, names: Sequence[str] | None = None, seconds: float | None = None,
