@@ -5,7 +5,7 @@ import pytest
 
 # Without the rl extra (a core-only install: `pip install gmrl`), skip the modules that need it.
 collect_ignore = [name for name, module in (("test_lola.py", "optax"), ("test_mgrl.py", "gymnax"),
-                                            ("test_cli_runs.py", "optax"))
+                                            ("test_cli_runs.py", "optax"), ("test_check_lola.py", "optax"))
                   if importlib.util.find_spec(module) is None]
 
 
