@@ -11,19 +11,11 @@ import pytest
 
 from gmrl.cli import main
 
+from .test_cli_tabular import run
+
 S = ["--mdps", "1", "--states", "3", "--actions", "2", "--repeats", "3", "-T", "5",
      "--inner", "dice:4", "--hessian", "dice:4", "--outer", "dice:4"]
 Q = ["--quick", "--mdps", "2", "--repeats", "3", "--max-groups", "1", "--no-progress"]
-
-
-def run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line_error(code, err, *needles):
