@@ -158,6 +158,9 @@ def test_area_weights_average_pixels():
     np.testing.assert_allclose(ale._area_weights(168, 84)[5, 10:12], [0.5, 0.5])
     w = ale._area_weights(210, 84)  # ratio 2.5: output row 1 covers [2.5, 5): half of 2, all of 3 and 4
     np.testing.assert_allclose(w[1, 2:5], [0.2, 0.4, 0.4], rtol=1e-6)
+    for size_in in (210, 160):  # the block form used in JAX is the same matrix
+        g, block = ale._area_block(size_in, 84)
+        np.testing.assert_allclose(np.kron(np.eye(g), block), ale._area_weights(size_in, 84), atol=1e-6)
 
 
 def _stub_network(num_actions: int) -> Network:
