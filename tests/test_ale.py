@@ -196,11 +196,18 @@ def test_a2c_rollout_runs_and_differentiates():
     assert set(np.unique(np.asarray(batch.rewards))) <= {0.0, 1.0}
 
 
-def test_training_reward_is_the_clipped_game_reward():
-    """Space Invaders pays 5–30 points per invader: the training reward is its sign, the score is kept."""
-    env, params = ale.make_env("ALE/SpaceInvaders-v5")
+def test_clipped_training_reward_and_frame_limit():
+    """Space Invaders pays 5–30 points per invader: the training reward is its sign, the score is kept.
+    A game reaching max_episode_frames is truncated (not terminated), ends the game and resets."""
+    env, params = ale.make_env("ALE/SpaceInvaders-v5", max_episode_frames=200)
     assert env.action_space(params).n == 6
-    _, _, (obs, reward, _, _, info, _) = jax.jit(lambda key: _run(env, params, key, 2, 80))(jax.random.key(0))
+    _, _, (obs, reward, terminated, truncated, info, _) = jax.jit(
+        lambda key: _run(env, params, key, 2, 80))(jax.random.key(0))
     reward, score = np.asarray(reward), np.asarray(info["score"])
     assert obs.shape == (80, 2, 84, 84, 4) and score.max() >= 5
     np.testing.assert_array_equal(reward, np.sign(score))
+    truncated, terminated = np.asarray(truncated), np.asarray(terminated)
+    assert np.all(truncated.sum(axis=0) == 1)  # 200 frames = 50 steps less the reset's frames
+    assert np.all(np.flatnonzero(truncated[:, 0]) < 50) and np.all(np.flatnonzero(truncated[:, 1]) < 50)
+    assert np.all(np.asarray(info["game_over"])[truncated]) and not np.any(terminated[truncated])
+    assert not np.any(np.asarray(obs)[truncated][..., :3])
