@@ -1,4 +1,5 @@
-"""A2C / MGRL / MGRL-LVC on gymnax (issue 5): exact meta-gradient, LVC curvature, learning."""
+"""A2C / MGRL / MGRL-LVC on gymnax (issues 5, 10): meta-gradients of both presets, the
+differentiable Adam, held paths, LVC curvature, networks, learning, interrupted runs."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from gmrl.algos import a2c, mgrl
+from gmrl.algos import a2c, meta_adam, mgrl, networks, presets
 from gmrl.algos.networks import Network, conv3x3_valid
 from gmrl.errors import InputError
 
@@ -22,19 +24,26 @@ def _to64(tree):
 
 
 @functools.cache
-def _tiny_problem(lvc: bool, inner_steps: int, seed: int = 0):
-    """CartPole, 4 envs × 3 steps, K inner steps; the RMSProp state is set to random positive
-    values so that its path through the meta-gradient is exercised."""
+def _tiny_problem(lvc: bool, inner_steps: int, seed: int = 0, preset: str = "full",
+                  hold: tuple[str, ...] | None = None):
+    """CartPole, 4 envs × 3 steps, K inner steps; the optimiser state (RMSProp's ν, or Adam's
+    m, v and a step count of 5 with decay over 20 updates) is set to random positive values so
+    that its path through the meta-gradient is exercised, and the policy head is scaled up
+    (×100) so that the policy is far from uniform (where ∇H ≈ 0 would hide c_ent's path)."""
     config = mgrl.MGRLConfig(env_name="CartPole-v1", num_envs=4, num_steps=3,
                              inner_steps=inner_steps, lvc=lvc, outer_value_coef=0.3,
-                             outer_entropy_coef=0.02, outer_kl_coef=0.5, learning_rate=1e-2)
+                             outer_entropy_coef=0.02, outer_kl_coef=0.5, learning_rate=1e-2,
+                             preset=preset, hold=hold, total_updates=20)
     state = jax.jit(mgrl.make_mgrl(config).init)(jax.random.key(seed))
     leaves, treedef = jax.tree.flatten(state.opt_state)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    leaves = [jax.random.uniform(k, v.shape, v.dtype, 1e-4, 1e-2) for k, v in zip(keys, leaves,
-                                                                                 strict=True)]
-    state = state._replace(opt_state=jax.tree.unflatten(treedef, leaves))
-    env, env_params, network = a2c.make_env_and_network(config.env_name)
+    leaves = [jax.random.uniform(k, v.shape, v.dtype, 1e-4, 1e-2)
+              if jnp.issubdtype(v.dtype, jnp.floating) else jnp.full_like(v, 5)
+              for k, v in zip(keys, leaves, strict=True)]
+    head = {"w": 100 * state.params["policy_head"]["w"], "b": state.params["policy_head"]["b"]}
+    state = state._replace(opt_state=jax.tree.unflatten(treedef, leaves),
+                           params={**state.params, "policy_head": head})
+    env, env_params, network = mgrl.env_and_network(config)
     return config, env, env_params, network, state
 
 
@@ -47,20 +56,26 @@ def _fd_gradient(objective, x: jax.Array, step: float) -> np.ndarray:
     return np.asarray(grads)
 
 
-def test_meta_gradient_matches_float64_finite_differences():
+@pytest.mark.parametrize("preset", presets.PRESETS)
+def test_meta_gradient_matches_float64_finite_differences(preset):
     """∇_x L_out of the compiled step equals central differences of L_out (K = 2, float64, with
     value, entropy and KL outer terms on), the outer advantages held fixed (they are constants
-    under stop-gradient)."""
-    config, env, env_params, network, state = _tiny_problem(lvc=False, inner_steps=2)
+    under stop-gradient), and for the reference preset the held baseline, critic γ input and
+    clipping norm of each inner update fixed at their values at x."""
+    config, env, env_params, network, state = _tiny_problem(lvc=False, inner_steps=2,
+                                                            preset=preset)
     with jax.enable_x64(True):
         args = _to64((state.meta_logits, state.params, state.opt_state, state.runner,
                       state.batch))
         meta_grad = jax.jit(mgrl.make_meta_gradient(config, env, env_params, network))
         objective = jax.jit(mgrl.make_meta_objective(config, env, env_params, network))
         loss, grad, result = meta_grad(*args, state.key)
+        held = result.held if preset == "reference" else None
+        # the clipping is active, so its norm's path exists
+        assert all(float(h["clip_norm"]) > config.max_grad_norm for h in result.held)
 
         def outer_loss(x):  # stop-gradient outer advantages held at their values at x
-            return objective(x, *args[1:], state.key, result.params)[0]
+            return objective(x, *args[1:], state.key, result.params, held)[0]
 
         fd = _fd_gradient(outer_loss, args[0], 1e-6)
         np.testing.assert_allclose(outer_loss(args[0]), loss, rtol=1e-12)
@@ -72,6 +87,165 @@ def test_meta_gradient_matches_float64_finite_differences():
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7 * scale)
 
 
+def test_holding_a_path_in_an_inner_update_removes_that_path_only(x64):
+    """One inner update (Adam, reference network), the derivative of its step θ' − θ along a
+    random direction of (x, θ): with one path held (stop-gradient) it equals the derivative of
+    the fully differentiated update in which only that quantity is a constant (its value), to
+    float64 round-off, and it differs from the full derivative by far more than round-off (the
+    path matters). One compile."""
+    import dataclasses
+
+    config, _, _, network, state = _tiny_problem(False, 2, preset="reference")
+    updates = {hold: mgrl._make_update(dataclasses.replace(config, hold=hold), network)
+               for hold in [()] + [(p,) for p in presets.HOLDABLE]}
+    x, params, opt_state, batch = _to64((state.meta_logits, state.params, state.opt_state,
+                                         state.batch))
+    primal = (x, params, opt_state)
+    keys = iter(jax.random.split(jax.random.key(9), 64))
+    tangent = jax.tree.map(lambda v: jax.random.normal(next(keys), v.shape, v.dtype), primal[:2])
+    tangent += (jax.tree.map(lambda v: jnp.zeros_like(v) if jnp.issubdtype(v.dtype, jnp.floating)
+                             else np.zeros(v.shape, jax.dtypes.float0), opt_state),)
+
+    @jax.jit
+    def tangents(primal, tangent):
+        used = updates[()](*primal, batch)[1]
+
+        def along(update, frozen=None):
+            step = jax.jvp(lambda *a: update(*a, batch, frozen)[0][0], primal, tangent)[1]
+            return ravel_pytree(step)[0] - ravel_pytree(tangent[1])[0]  # d(θ' − θ)
+
+        return along(updates[()]), {p: (along(updates[(p,)]), along(updates[()], {p: used[p]}))
+                                    for p in presets.HOLDABLE}
+
+    full_t, by_path = tangents(primal, tangent)
+    scale = np.abs(full_t).max()
+    for path, (held_t, constant_t) in by_path.items():
+        np.testing.assert_allclose(held_t, constant_t, rtol=1e-9, atol=1e-12 * scale,
+                                   err_msg=path)
+        assert np.abs(held_t - full_t).max() > 1e-6 * scale, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", presets.HOLDABLE)
+def test_holding_a_path_changes_the_meta_gradient_only_through_that_path(path):
+    """With one path held (stop-gradient), the hand-written meta-gradient equals `jax.grad` of the
+    fully differentiated objective in which only that quantity is replaced by a constant (its
+    value), and differs from the full derivative (the path matters). Adam, K = 2, float64.
+    (Slow: covered by the single-update test above and the finite-difference test of the
+    reference preset, which holds all three.)"""
+    problems = {hold: _tiny_problem(False, 2, preset="reference", hold=hold)
+                for hold in ((), (path,))}
+    config, env, env_params, network, state = problems[(path,)]
+    full_config = problems[()][0]
+    with jax.enable_x64(True):
+        args = _to64((state.meta_logits, state.params, state.opt_state, state.runner,
+                      state.batch))
+        held_grad = jax.jit(mgrl.make_meta_gradient(config, env, env_params, network))(
+            *args, state.key)[1]
+        full_grad = jax.jit(mgrl.make_meta_gradient(full_config, env, env_params, network))(
+            *args, state.key)[1]
+        objective = mgrl.make_meta_objective(full_config, env, env_params, network)
+        values = jax.jit(objective)(*args, state.key)[1].held
+        frozen = tuple({path: h[path]} for h in values)
+        constant_grad = jax.jit(jax.grad(lambda x: objective(x, *args[1:], state.key,
+                                                              frozen=frozen)[0]))(args[0])
+    scale = np.abs(full_grad).max()
+    np.testing.assert_allclose(held_grad, constant_grad, rtol=1e-9, atol=1e-12 * scale)
+    assert np.abs(held_grad - full_grad).max() > 1e-4 * scale, (held_grad, full_grad)
+
+
+def test_reference_preset_holds_the_three_paths_and_uses_adam():
+    config = _tiny_problem(False, 2, preset="reference")[0]
+    assert mgrl.held_paths(config) == presets.HOLDABLE
+    assert mgrl.held_paths(_tiny_problem(False, 2, preset="full")[0]) == ()
+    state = _tiny_problem(False, 2, preset="reference")[4]
+    assert isinstance(state.opt_state, meta_adam.AdamState)
+    params = state.params
+    assert params["mix"]["w"].shape == (64 + 16, 64) and params["gamma_embedding"]["w"].shape == (1, 16)
+    a2c_params = a2c.init_seeds(mgrl.make_algorithm("a2c", "CartPole-v1", num_envs=4), jax.random.key(0),
+                                1).params
+    assert set(a2c_params) == {"actor", "policy_head", "critic", "value_head"}
+    assert a2c_params["value_head"]["w"].shape == (1, 64, 1)  # [seeds, 64, 1]: no γ input
+
+
+def _adam_problem(dtype):
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {"w": jax.random.normal(keys[0], (3, 4), dtype), "b": jax.random.normal(keys[1], (4,), dtype)}
+    grads = [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape, dtype), params)
+             for k in jax.random.split(keys[2], 6)]
+    return params, grads
+
+
+def test_adam_equals_optax_adam_with_the_same_linear_decay(x64):
+    """Six steps in float64 (agreement to round-off: the two differ only in the order of a few
+    multiplications)."""
+    params, grads = _adam_problem(jnp.float64)
+    schedule = meta_adam.linear_decay(7e-2, 4)  # reaches 0 after 4 updates, then stays there
+    ours, theirs = meta_adam.adam(schedule, eps=1e-8), optax.adam(schedule, eps=1e-8)
+    p1, s1, p2, s2 = params, ours.init(params), params, theirs.init(params)
+    moved = []
+    for g in grads:
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = theirs.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        moved.append(float(jnp.abs(u1["w"]).max()))
+    assert moved[0] > 1e-2 and moved[4] == 0.0 and moved[5] == 0.0  # the schedule acts
+    assert float(schedule(1)) == pytest.approx(7e-2 * 0.75)
+
+
+def test_adam_derivative_through_its_state_matches_float64_finite_differences():
+    """d/d(g, m, v) of a random linear function of Adam's step (count 3, linear decay): the
+    forward-mode derivative equals central differences along random directions."""
+    with jax.enable_x64(True):
+        params, grads = _adam_problem(jnp.float64)
+        opt = meta_adam.adam(meta_adam.linear_decay(1e-2, 10), eps=1e-8)
+        state = opt.init(params)
+        for g in grads[:3]:
+            state = opt.update(g, state)[1]
+        weights = jax.random.normal(jax.random.key(5), (16,), jnp.float64)
+
+        def f(inputs):
+            g, m, v = inputs
+            update, new = opt.update(g, meta_adam.AdamState(state.count, m, v))
+            del new
+            return jnp.dot(weights, jnp.concatenate([jnp.ravel(update["w"]), update["b"]]))
+
+        point = (grads[3], state.mu, state.nu)
+        for i, k in enumerate(jax.random.split(jax.random.key(6), 3)):
+            direction = jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), point)
+            only = tuple(d if j == i else jax.tree.map(jnp.zeros_like, d)  # g, then m, then v
+                         for j, d in enumerate(direction))
+            exact = jax.jvp(f, (point,), (only,))[1]
+            shifted = [jax.tree.map(lambda x, d, s=s: x + s * 1e-6 * d, point, only)
+                       for s in (1, -1)]
+            fd = (f(shifted[0]) - f(shifted[1])) / 2e-6
+            assert abs(float(exact)) > 1e-4
+            np.testing.assert_allclose(exact, fd, rtol=1e-6)
+
+
+def test_adam_derivative_is_finite_where_the_second_moment_is_zero():
+    """A coordinate whose gradients are all 0 has v = 0: √ there must not give 0·∞ = NaN."""
+    opt = meta_adam.adam(1e-3)
+    params = {"w": jnp.zeros(3)}
+    grad = jax.grad(lambda g: jnp.sum(opt.update({"w": g}, opt.init(params))[0]["w"]))(
+        jnp.array([0.0, 1.0, -2.0]))
+    assert np.all(np.isfinite(grad)), grad
+
+
+def test_clip_holds_its_norm_constant_on_request():
+    g = jnp.array([3.0, 4.0])  # norm 5, clipped to 0.5
+    clipped = meta_adam.clip_by_global_norm(0.5, 1e-6, hold_norm=True)
+    free = meta_adam.clip_by_global_norm(0.5, 1e-6, hold_norm=False)
+    value = clipped.update(g, optax.EmptyState())[0]
+    np.testing.assert_allclose(value, g * 0.5 / (5 + 1e-6), rtol=1e-6)
+    jac_held = jax.jacobian(lambda g: clipped.update(g, optax.EmptyState())[0])(g)
+    jac_free = jax.jacobian(lambda g: free.update(g, optax.EmptyState())[0])(g)
+    np.testing.assert_allclose(jac_held, np.eye(2) * 0.5 / (5 + 1e-6), rtol=1e-6)
+    assert np.abs(jac_free - jac_held).max() > 1e-2
+
+
 def _fd_atol(value: float, step: float) -> float:
     """Round-off bound of a float64 central difference: ~ε|L|/h (with a safety factor of 100)."""
     return 100 * np.finfo(np.float64).eps * abs(float(value)) / step
@@ -81,8 +255,9 @@ def _fd_atol(value: float, step: float) -> float:
 def _replay_loss(x, config, inner_steps, surrogate, exact, params, opt_state, batch):
     """K inner updates on one fixed batch, then the policy-gradient loss of θ_K (fixed baseline)."""
     network = a2c.make_env_and_network(config.env_name)[2]
-    optimizer = a2c.make_optimizer(config)
-    p, s = params, opt_state
+    optimizer = optax.chain(meta_adam.clip_by_global_norm(config.max_grad_norm, 0.0),
+                            presets.base_optimizer(config))
+    p, s = params, (optax.EmptyState(), opt_state)
     for _ in range(inner_steps):
         p, s, _ = a2c.inner_update(network, optimizer, p, s, batch, mgrl.coefs_from_logits(x),
                                    surrogate, exact)
@@ -179,6 +354,43 @@ def test_conv_as_patches_matches_lax_conv():
     np.testing.assert_allclose(conv3x3_valid(x, layer), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("critic", networks.CRITIC_INPUTS)
+def test_nature_torso_shapes_and_critic_gamma_inputs(critic):
+    """Atari frames [84, 84, 4] take the Nature torso (conv 8×8/4 → 32, 4×4/2 → 64, 3×3/1 → 64,
+    7·7·64 = 3136 → 512); the embedding critic mixes 512 + 16 = 528 → 512 as the reference's
+    CNNBase_condition; γ changes the value unless the critic has no γ input."""
+    network = networks.make_network((84, 84, 4), 6, critic)
+    params = network.init(jax.random.key(0))
+    assert [layer["w"].shape for layer in params["convs"]] == [(8, 8, 4, 32), (4, 4, 32, 64),
+                                                               (3, 3, 64, 64)]
+    assert params["hidden"]["w"].shape == (3136, 512) and params["policy_head"]["w"].shape == (512, 6)
+    head = {"embedding": (512, 1), "column": (513, 1), "none": (512, 1)}[critic]
+    assert params["value_head"]["w"].shape == head
+    if critic == "embedding":
+        assert params["mix"]["w"].shape == (528, 512) and params["gamma_embedding"]["w"].shape == (1, 16)
+    obs = jax.random.uniform(jax.random.key(1), (2, 3, 84, 84, 4), jnp.float32, 0, 255)
+    logits, values = network.apply(params, obs, jnp.float32(0.99))
+    assert logits.shape == (2, 3, 6) and values.shape == (2, 3)
+    np.testing.assert_allclose(network.policy(params, obs), logits, rtol=1e-6)
+    other = network.apply(params, obs, jnp.float32(0.5))[1]
+    assert np.allclose(other, values) == (critic == "none")
+    small = networks.make_network((10, 10, 4), 3, critic).init(jax.random.key(0))
+    assert "convs" not in small and "conv" in small  # MinAtar keeps its own torso
+    if critic == "embedding":
+        assert small["mix"]["w"].shape == (128 + 16, 128)
+
+
+def test_ale_names_reach_the_atari_adapter(monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("gmrl.envs.ale")
+    fake.make_env = lambda name: seen.append(name) or ("env", "params")
+    monkeypatch.setitem(sys.modules, "gmrl.envs.ale", fake)
+    assert a2c.make_env("ALE/Breakout-v5") == ("env", "params") and seen == ["ALE/Breakout-v5"]
+
+
 def test_bad_settings_raise_input_error():
     with pytest.raises(InputError, match="unknown algorithm"):
         mgrl.make_algorithm("ppo", "CartPole-v1")
@@ -188,6 +400,15 @@ def test_bad_settings_raise_input_error():
         mgrl.make_algorithm("mgrl", "CartPole-v1", meta_params=("gamma", "alpha"))
     with pytest.raises(InputError, match="must lie in"):
         mgrl.make_algorithm("mgrl", "CartPole-v1", gamma=1.0)
+    with pytest.raises(InputError, match="unknown preset 'paper'; allowed: reference, full"):
+        mgrl.make_algorithm("mgrl", "CartPole-v1", preset="paper")
+    with pytest.raises(InputError, match="unknown held paths"):
+        mgrl.make_algorithm("mgrl", "CartPole-v1", hold=("baseline", "entropy"))
+    from gmrl.commands import mgrl as command
+
+    with pytest.raises(InputError, match=r"allowed: CartPole-v1, .*ALE/<game>"):
+        command.check_env("Pong-v0")
+    assert command.check_env("ALE/Pong-v5") == "ALE/Pong-v5"
 
 
 def _final_returns(algo: str, frames: int, seeds: int, **overrides) -> np.ndarray:
@@ -336,6 +557,7 @@ def test_cli_constants_match_the_library():
 
     assert command.ALGOS == runs.ALGOS == mgrl.ALGOS
     assert command.META_PARAMS == mgrl.META_PARAMS
+    assert command.PRESETS == presets.PRESETS
     assert command.ENVS == a2c.SUPPORTED_ENVS and runs.STUDY_GAMES == a2c.MINATAR_GAMES
 
 
@@ -359,3 +581,51 @@ def test_study_report_and_figures_from_run_logs(tmp_path):
     assert report.count("| Breakout-MinAtar |") == 3 and "(not run)" in report
     assert "±" in report and "0.9897" in report and "Asterix-MinAtar.png" not in report
     assert "8 envs × 5 steps" in report and "K = 3 inner steps" in report  # as configured
+
+
+@pytest.mark.parametrize("algo", ["mgrl", "mgrl-lvc"])
+def test_sigint_through_the_command_then_resume_ends_with_the_same_numbers(tmp_path, algo):
+    """`gmrl mgrl ... --out DIR` interrupted by SIGINT after its first checkpoint, then
+    `--resume`: the same rows (all but timings) as an uninterrupted run of the stored
+    configuration. `--resume` on a folder that holds no run is refused first (one line, exit 2,
+    nothing written)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from gmrl.io import read_csv
+    from gmrl.runs import mgrl as runs
+
+    gmrl = Path(sys.executable).parent / "gmrl"
+    argv = [str(gmrl), "mgrl", "--env", "CartPole-v1", "--algo", algo, "--frames", "192000",
+            "--seeds", "1", "--log-points", "200", "--no-progress", "--out", str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()
+    refused = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "holds no run" in refused.stderr and not any((tmp_path / "run").iterdir())
+
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run" / runs.CHECKPOINT).exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted after" in err, (process.returncode, err)
+    logged = len(read_csv(tmp_path / "run" / runs.PROGRESS))
+    assert 1 <= logged < 200, logged  # stopped part-way
+
+    done = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["overrides"]["preset"] == "reference"
+    whole = runs.train(config, tmp_path / "whole", progress=False)["rows"]
+    resumed = [runs._typed(r) for r in read_csv(tmp_path / "run" / runs.PROGRESS)]
+
+    def numbers(rows):  # everything but the timings; NaN (no episode finished) compares equal
+        return json.dumps([{k: v for k, v in r.items() if k not in ("fps", "wall_s")}
+                           for r in rows])
+
+    assert len(resumed) == 200 and numbers(resumed) == numbers(whole)

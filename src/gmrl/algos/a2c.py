@@ -25,6 +25,7 @@ import optax
 from jax import lax
 
 from gmrl import estimators, sampling
+from gmrl.algos import presets
 from gmrl.algos.networks import Network, make_network
 from gmrl.errors import require
 
@@ -37,7 +38,12 @@ INNER_SURROGATES = ("maml", "lvc")
 
 @dataclasses.dataclass(frozen=True)
 class A2CConfig:
-    """A2C hyper-parameters; the defaults are the reference ones (64 envs × 5 steps, RMSProp)."""
+    """A2C hyper-parameters (64 envs × 5 steps, γ 0.99, GAE λ 0.95, as the reference's runs).
+
+    `preset` (`gmrl.algos.presets`): "reference" — Adam (ε `adam_eps`), learning rate decayed
+    linearly to 0 over `total_updates` updates (0: constant), no γ input to the A2C critic;
+    "full" — RMSProp (`rms_decay`, `rms_eps`), constant learning rate.
+    """
 
     env_name: str = "Breakout-MinAtar"
     num_envs: int = 64
@@ -50,6 +56,9 @@ class A2CConfig:
     max_grad_norm: float = 0.5
     rms_decay: float = 0.99
     rms_eps: float = 1e-5
+    preset: str = "reference"
+    adam_eps: float = 1e-8
+    total_updates: int = 0
 
 
 class Coefs(NamedTuple):
@@ -98,27 +107,36 @@ METRIC_NAMES = ("return_sum", "return_count", "gamma", "lam", "entropy_coef", "v
 
 
 def make_env(env_name: str):
-    """The gymnax environment and its default parameters; only discrete-action envs."""
+    """The gymnax environment and its default parameters; only discrete-action envs.
+
+    Names starting with "ALE/" come from `gmrl.envs.ale.make_env` (Atari through ale-py, imported
+    only then; observations [84, 84, 4] float32)."""
+    if env_name.startswith("ALE/"):
+        try:
+            from gmrl.envs import ale
+        except ImportError as err:
+            require(False, f"environment {env_name!r} needs the Atari adapter gmrl.envs.ale and "
+                           f"ale-py (pip install ale-py); import failed: {err}")
+        return ale.make_env(env_name)
     require(env_name in gymnax.registered_envs,
-            f"unknown environment {env_name!r}; supported: {', '.join(SUPPORTED_ENVS)} "
-            "(or another discrete-action gymnax environment)")
+            f"unknown environment {env_name!r}; supported: {', '.join(SUPPORTED_ENVS)}, "
+            "ALE/<game> (Atari, e.g. ALE/Breakout-v5), or another discrete-action gymnax environment")
     env, env_params = gymnax.make(env_name)
     require(hasattr(env.action_space(env_params), "n"),
             f"environment {env_name!r} has continuous actions; only discrete actions are supported")
     return env, env_params
 
 
-def make_env_and_network(env_name: str) -> tuple[Any, Any, Network]:
+def make_env_and_network(env_name: str, critic: str = "column") -> tuple[Any, Any, Network]:
+    """Environment, parameters and network; `critic`: how the critic sees γ (`make_network`)."""
     env, env_params = make_env(env_name)
     obs_shape = tuple(env.observation_space(env_params).shape)
-    return env, env_params, make_network(obs_shape, env.action_space(env_params).n)
+    return env, env_params, make_network(obs_shape, env.action_space(env_params).n, critic)
 
 
 def make_optimizer(config: A2CConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then RMSProp (ε inside the square root, so it differentiates at ν = 0)."""
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                       optax.rmsprop(config.learning_rate, decay=config.rms_decay,
-                                     eps=config.rms_eps))
+    """Global-norm clipping then the preset's optimiser (`gmrl.algos.presets.make_optimizer`)."""
+    return presets.make_optimizer(config)
 
 
 def fixed_coefs(config: A2CConfig) -> Coefs:
@@ -222,17 +240,23 @@ def actor_critic_loss(network: Network, params, batch: Batch, coefs: Coefs,
 
 
 def loss_gradient(network: Network, params, batch: Batch, coefs: Coefs, surrogate: str = "maml",
-                  exact_jacobian: bool = False) -> tuple[Array, Any]:
+                  exact_jacobian: bool = False, critic_gamma: Array | None = None,
+                  baseline: Array | None = None) -> tuple[Array, Any]:
     """(loss, ∇_θ L) of the A2C loss, with advantages and targets constant inside ∇_θ.
 
     One forward pass: the gradient is the pullback of ∂L/∂(logits, values). With
     exact_jacobian the baseline inside A_t is the differentiable network output itself, so an outer
     derivative of ∇_θ L (w.r.t. θ or the coefficients) sees how the advantages move with θ — the
     exact Jacobian of the update as computed. Without it the baseline is stop_gradient (plain A2C).
+    `critic_gamma` (default coefs.gamma) is the γ fed to the critic; `baseline` ([T+1, N]) replaces
+    the baseline values by given ones.
     """
+    gamma_in = coefs.gamma if critic_gamma is None else critic_gamma
     (logits_all, values_all), pullback = jax.vjp(
-        lambda p: network.apply(p, _obs_all(batch), coefs.gamma), params)
+        lambda p: network.apply(p, _obs_all(batch), gamma_in), params)
     baseline_all = values_all if exact_jacobian else lax.stop_gradient(values_all)
+    if baseline is not None:
+        baseline_all = baseline
 
     def head_loss(logits, values):
         return _loss_from_outputs(logits, values, baseline_all, batch, coefs, surrogate)
@@ -262,7 +286,8 @@ class A2CState(NamedTuple):
 
 def make_a2c(config: A2CConfig) -> Algorithm:
     """Plain A2C with fixed (γ, λ, c_ent, c_v) from `config`."""
-    env, env_params, network = make_env_and_network(config.env_name)
+    env, env_params, network = make_env_and_network(config.env_name,
+                                                    presets.critic_input(config.preset, meta=False))
     optimizer = make_optimizer(config)
     coefs = fixed_coefs(config)
 

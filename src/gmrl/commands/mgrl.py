@@ -20,6 +20,19 @@ META_PARAMS = ("gamma", "lam", "entropy", "value")  # gmrl.algos.mgrl.META_PARAM
 ENVS = ("CartPole-v1", "Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar",
         "SpaceInvaders-MinAtar")  # gmrl.algos.a2c.SUPPORTED_ENVS (tested equal)
 STUDY_GAMES = ENVS[1:]
+PRESETS = ("reference", "full")  # gmrl.algos.presets.PRESETS (tested equal)
+PRESET_HELP = ("reference: the reference code's settings (Adam with linear learning-rate decay, "
+               "baseline, critic γ input and clip norm held constant in the meta-gradient, γ "
+               "embedding in the critic); full: RMSProp, every path differentiated "
+               "(docs/mgrl.md has the table).")
+
+
+def check_env(name: str) -> str:
+    """`name` if it is a supported environment name (InputError otherwise)."""
+    require(name in ENVS or (name.startswith("ALE/") and len(name) > 4),
+            f"unknown environment {name!r}; allowed: {', '.join(ENVS)}, or ALE/<game> "
+            "(Atari through ale-py, e.g. ALE/Breakout-v5)")
+    return name
 
 
 def parse_names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -33,8 +46,10 @@ def parse_names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ..
 
 @click.command("mgrl")
 @click.option("--env", default="Breakout-MinAtar", show_default=True,
-              help=f"gymnax environment ({', '.join(ENVS)}).")
+              help=f"Environment: {', '.join(ENVS)} (gymnax), or ALE/<game> (Atari via ale-py).")
 @click.option("--algo", type=click.Choice(ALGOS), default="mgrl", show_default=True)
+@click.option("--preset", type=click.Choice(PRESETS), default="reference", show_default=True,
+              help=PRESET_HELP)
 @click.option("--frames", type=int, default=1_000_000, show_default=True,
               help="Environment frames per seed.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds, run vmapped.")
@@ -54,15 +69,16 @@ def parse_names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ..
               "there is none). Re-running the same command without it also continues it.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events (tensorboardX).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def mgrl_command(env, algo, frames, seeds, seed, out, inner_steps, meta_params, lr, meta_lr,
-                 outer_kl, log_points, resume, tensorboard, progress):
-    """Train A2C, MGRL or MGRL-LVC on a gymnax environment; log returns and η to CSV."""
+def mgrl_command(env, algo, preset, frames, seeds, seed, out, inner_steps, meta_params, lr,
+                 meta_lr, outer_kl, log_points, resume, tensorboard, progress):
+    """Train A2C, MGRL or MGRL-LVC on a gymnax (or Atari) environment; log returns and η to CSV."""
     from gmrl import runs
     from gmrl.io import atomic_write_json
     from gmrl.runs import mgrl as mgrl_runs
     from gmrl.store import config_key
 
-    overrides = {"learning_rate": lr}
+    check_env(env)
+    overrides = {"learning_rate": lr, "preset": preset}
     if algo != "a2c":
         overrides.update(inner_steps=inner_steps,
                          meta_params=parse_names(meta_params, META_PARAMS, "meta-parameters"),
@@ -101,11 +117,13 @@ def _stored(out: Path, key: str) -> bool:
 @click.option("--games", default=",".join(STUDY_GAMES), show_default=True)
 @click.option("--frames", type=int, default=2_000_000, show_default=True)
 @click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--preset", type=click.Choice(PRESETS), default="reference", show_default=True,
+              help=PRESET_HELP)
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="local: in-process; ray: one Ray task per run.")
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def mgrl_study(out, quick, games, frames, seeds, backend, address, progress):
+def mgrl_study(out, quick, games, frames, seeds, preset, backend, address, progress):
     """a2c vs mgrl vs mgrl-lvc on the MinAtar games: return and γ/λ curves, report.md."""
     from gmrl.io import prepare_output_dir
     from gmrl.runs import mgrl as mgrl_runs
@@ -114,10 +132,12 @@ def mgrl_study(out, quick, games, frames, seeds, backend, address, progress):
     games = parse_names(games, ENVS, "game(s)")
     if quick:
         games, frames, seeds = ("Breakout-MinAtar",), 100_000, 2
-    mgrl_runs.study_points(games, frames, seeds, 1)  # bad settings: fail before writing
+    overrides = {"preset": preset}
+    mgrl_runs.study_points(games, frames, seeds, 1, overrides=overrides)  # bad settings: fail early
     prepare_output_dir(out)
     report = mgrl_runs.run_study(out, games, frames, seeds, log_points=50 if quick else 100,
-                                 backend=backend, address=address, progress=progress)
+                                 overrides=overrides, backend=backend, address=address,
+                                 progress=progress)
     click.echo(report.read_text(encoding="utf-8"))
     click.echo(f"report: {report}")
 

@@ -52,10 +52,17 @@ def _overrides(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def algorithm_of(config: Mapping[str, Any]):
-    """(gmrl.algos.a2c.Algorithm, MGRLConfig) of a run point."""
+    """(gmrl.algos.a2c.Algorithm, MGRLConfig) of a run point.
+
+    The run's total number of updates, frames // (num_envs · num_steps) as in the reference
+    (its `num_updates`), goes into `total_updates`: the reference preset decays the inner
+    learning rate linearly to 0 over it."""
     from gmrl.algos import mgrl
 
     overrides = _overrides(config)
+    settings = mgrl.make_config(config["algo"], config["env"], **overrides)
+    overrides.setdefault("total_updates",
+                         int(config["frames"]) // (settings.num_envs * settings.num_steps))
     return (mgrl.make_algorithm(config["algo"], config["env"], **overrides),
             mgrl.make_config(config["algo"], config["env"], **overrides))
 
@@ -188,7 +195,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
     if mgrl_config is not None:
         settings = {"num_envs": mgrl_config.num_envs, "num_steps": mgrl_config.num_steps,
                     "inner_steps": mgrl_config.inner_steps if config.get("algo") != "a2c" else 0,
-                    "learning_rate": mgrl_config.learning_rate}
+                    "learning_rate": mgrl_config.learning_rate, "preset": mgrl_config.preset}
     return {**config, "frames_done": int(rows[-1]["frames"]), "final_return_per_seed": per_seed,
             "final_meta_params_per_seed": final_meta, "median_fps": float(np.median(fps)),
             "frames_per_step": algorithm.frames_per_step, "settings": settings}
@@ -305,6 +312,9 @@ def _settings_line(summaries: Sequence[Mapping[str, Any]]) -> str:
     lrs = sorted({s["settings"]["learning_rate"] for s in summaries if s.get("settings")})
     if lrs:
         parts.append("inner learning rate " + "/".join(f"{lr:g}" for lr in lrs))
+    chosen = sorted({s["settings"].get("preset", "?") for s in summaries if s.get("settings")})
+    if chosen:
+        parts.append("preset " + "/".join(chosen))
     return ", ".join(parts)
 
 
