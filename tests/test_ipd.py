@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmrl import estimators
+from gmrl import estimators, sampling
 from gmrl.envs import ipd
 
 
@@ -52,10 +52,10 @@ def test_exact_values_match_monte_carlo(seed):
     episodes = jax.jit(lambda k: ipd.sample(k, jnp.asarray(t1, jnp.float32),
                                             jnp.asarray(t2, jnp.float32), 4096))(
         jax.random.key(seed))
-    rewards = np.asarray(episodes.rewards, np.float64)  # [N, T, 2]
+    rewards = np.stack([episodes.rewards(0), episodes.rewards(1)], -1).astype(np.float64)  # [T, N, 2]
     discounts = 0.96 ** np.arange(ipd.HORIZON)
-    returns = np.einsum("ntp,t->np", rewards, discounts)
-    per_step = rewards.mean(1)
+    returns = np.einsum("tnp,t->np", rewards, discounts)
+    per_step = rewards.mean(0)
     with jax.enable_x64(True):
         exact = np.asarray(ipd.finite_horizon_values(jnp.asarray(t1), jnp.asarray(t2)))
         average = np.asarray(ipd.average_rewards(jnp.asarray(t1), jnp.asarray(t2)))
@@ -69,29 +69,68 @@ def test_exact_values_match_monte_carlo(seed):
     assert np.all(np.abs(z) > 4), z
 
 
-def test_sampler_cooperation_frequencies_and_recorded_log_probs():
+def test_sampler_cooperation_frequencies():
     t1, t2 = (jnp.asarray(t, jnp.float32) for t in _random_thetas(3))
     episodes = ipd.sample(jax.random.key(0), t1, t2, 2048)
-    assert episodes.states.shape == (2048, ipd.HORIZON)
-    assert episodes.actions.shape == episodes.rewards.shape == episodes.log_probs.shape
-    assert np.all(np.asarray(episodes.states[:, 0]) == ipd.START)
-    states, actions = np.asarray(episodes.states), np.asarray(episodes.actions)
+    assert episodes.states.shape == episodes.outcomes.shape == (ipd.HORIZON, 2048)
+    assert np.all(np.asarray(episodes.states[0]) == ipd.START)
     for player, theta in ((0, t1), (1, t2)):
         own = np.asarray(ipd.own_states(episodes.states, player))
+        actions = np.asarray(episodes.actions(player))
         for s in range(ipd.NUM_STATES):
-            coop = actions[..., player][own == s] == 0
+            coop = actions[own == s] == 0
             p = float(jax.nn.sigmoid(theta[s]))
             assert abs(coop.mean() - p) < 4 * np.sqrt(p * (1 - p) / coop.size)
-        recomputed = ipd.action_log_probs(theta, ipd.own_states(episodes.states, player),
-                                          episodes.actions[..., player])
-        np.testing.assert_allclose(recomputed, episodes.log_probs[..., player], atol=1e-6)
     # next state follows the joint outcome
-    np.testing.assert_array_equal(states[:, 1:], 1 + 2 * actions[:, :-1, 0] + actions[:, :-1, 1])
-    joint = ipd.joint_log_probs(t1, t2, episodes)
-    np.testing.assert_allclose(joint, episodes.log_probs.sum(-1), atol=1e-6)
+    states, outcomes = np.asarray(episodes.states), np.asarray(episodes.outcomes)
+    np.testing.assert_array_equal(states[1:], 1 + outcomes[:-1])
     # the same key gives the same episodes
     again = ipd.sample(jax.random.key(0), t1, t2, 2048)
-    np.testing.assert_array_equal(again.actions, episodes.actions)
+    np.testing.assert_array_equal(again.outcomes, episodes.outcomes)
+
+
+def test_packed_sampler_equals_a_direct_per_step_sampler():
+    """Same uniforms, a plain loop over t: identical states, actions and rewards."""
+    t1, t2 = (jnp.asarray(t, jnp.float32) for t in _random_thetas(9))
+    key, n, horizon = jax.random.key(5), 300, 30
+    episodes = ipd.sample(key, t1, t2, n, horizon)
+    u = np.asarray(sampling.hashed_uniform(key, (horizon, n, 2)))
+    p1 = np.asarray(jax.nn.sigmoid(t1))
+    p2 = np.asarray(jax.nn.sigmoid(t2))[list(ipd.SWAP)]
+    state = np.zeros(n, int)
+    payoff = np.array([-1.0, -3.0, 0.0, -2.0])
+    for t in range(horizon):
+        a1, a2 = (u[t, :, 0] >= p1[state]).astype(int), (u[t, :, 1] >= p2[state]).astype(int)
+        np.testing.assert_array_equal(episodes.states[t], state)
+        np.testing.assert_array_equal(episodes.actions(0)[t], a1)
+        np.testing.assert_array_equal(episodes.actions(1)[t], a2)
+        np.testing.assert_array_equal(episodes.rewards(0)[t], payoff[2 * a1 + a2])
+        np.testing.assert_array_equal(episodes.rewards(1)[t], payoff[2 * a2 + a1])
+        state = 1 + 2 * a1 + a2
+    recorded = ipd.joint_log_probs(t1, t2, episodes)
+    by_player = sum(ipd.action_log_probs(t, ipd.own_states(episodes.states, p), episodes.actions(p))
+                    for p, t in ((0, t1), (1, t2)))
+    np.testing.assert_allclose(recorded, by_player, atol=1e-6)
+
+
+def test_hashed_uniforms_are_uniform_and_independent():
+    """2^18 draws: mean, variance, a 64-bin χ², correlations at lag 1 and between two keys
+    (every |z| < 4); a 2^-24 grid; a different key gives different draws."""
+    k1, k2 = jax.random.split(jax.random.key(11))
+    n = 2**18
+    a = np.asarray(sampling.hashed_uniform(k1, (n,)), np.float64)
+    b = np.asarray(sampling.hashed_uniform(k2, (n,)), np.float64)
+    assert a.min() >= 0.0 and a.max() < 1.0
+    np.testing.assert_array_equal(a * 2**24, np.round(a * 2**24))
+    assert abs(a.mean() - 0.5) / np.sqrt(1 / 12 / n) < 4
+    assert abs(a.var() - 1 / 12) / np.sqrt(1 / 180 / n) < 4
+    counts, _ = np.histogram(a, 64, (0.0, 1.0))
+    expected = n / 64
+    chi2 = np.sum((counts - expected) ** 2 / expected)
+    assert abs(chi2 - 63) / np.sqrt(2 * 63) < 4
+    for x, y in ((a[1:], a[:-1]), (a, b)):
+        assert abs(np.corrcoef(x, y)[0, 1]) * np.sqrt(len(x)) < 4
+    assert np.mean(a == b) < 1e-3
 
 
 def test_dice_on_sampled_episodes_estimates_the_exact_policy_gradient():
@@ -105,8 +144,8 @@ def test_dice_on_sampled_episodes_estimates_the_exact_policy_gradient():
         def surrogate(theta):
             lp = ipd.joint_log_probs(theta, t2, episodes)
             d = jnp.full(horizon, 0.96)
-            return jnp.mean(jax.vmap(estimators.dice, (0, None, 0, None))(
-                lp, None, episodes.rewards[..., 0], d))
+            return jnp.mean(jax.vmap(estimators.dice, (1, None, 1, None))(
+                lp, None, episodes.rewards(0), d))
         return jax.grad(surrogate)(t1)
 
     grads = np.asarray(jax.jit(jax.vmap(estimate))(jax.random.split(jax.random.key(1), 32)))

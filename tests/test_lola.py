@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gmrl import cli as gmrl_cli
+from gmrl import io
 from gmrl.algos import lola
 from gmrl.envs import ipd
 from gmrl.errors import InputError
@@ -83,7 +84,7 @@ def test_meta_gradient_with_exact_step_value_is_unbiased():
     # γ = 0.6 and T = 40 (γ^T ≈ 1e-9): no truncation bias and a test with power
     cfg = lola.LolaConfig(comp=None, hessian=256, outer=256, gamma=0.6, horizon=40)
     grads = _sampled_meta_gradients(cfg, 1, thetas, values,
-                                    jax.random.split(jax.random.key(3), 24))
+                                    jax.random.split(jax.random.key(3), 64))
     with jax.enable_x64(True):
         exact = np.asarray(lola.exact_lola_gradients(thetas, cfg), np.float64)[1]
     se = grads.std(0, ddof=1) / np.sqrt(len(grads))
@@ -98,10 +99,12 @@ def test_meta_gradient_with_exact_step_value_is_unbiased():
 
 def test_dice_lola_gradient_approaches_exact_with_large_batches():
     """Fully sampled (compositional bias included) at γ = 0.6, T = 40, where the variance allows a
-    fast test: per-estimate correlation with the exact gradient rises from ≈0 to > 0.9."""
+    fast test: the median per-estimate correlation with the exact gradient rises from below 0.5
+    to above 0.85 (the median: single DiCE LOLA estimates are heavy-tailed, a few point away
+    even at 1024 episodes)."""
     thetas = jnp.asarray(_thetas(5), jnp.float32)
     values = jnp.zeros((2, 5), jnp.float32)
-    keys = jax.random.split(jax.random.key(4), 8)
+    keys = jax.random.split(jax.random.key(4), 16)
     base = lola.LolaConfig(gamma=0.6, horizon=40)
     with jax.enable_x64(True):
         exact = np.asarray(lola.exact_lola_gradients(thetas, base), np.float64)[0]
@@ -109,21 +112,21 @@ def test_dice_lola_gradient_approaches_exact_with_large_batches():
     for size in (16, 1024):
         cfg = dataclasses.replace(base, comp=size, hessian=size, outer=size)
         grads = _sampled_meta_gradients(cfg, 0, thetas, values, keys)
-        corr[size] = np.mean([np.corrcoef(g, exact)[0, 1] for g in grads])
-    assert corr[1024] > 0.9, corr
-    assert corr[1024] > corr[16] + 0.5, corr
+        corr[size] = np.median([np.corrcoef(g, exact)[0, 1] for g in grads])
+    assert corr[1024] > 0.85, corr
+    assert corr[1024] > corr[16] + 0.4, corr
 
 
 def test_off_policy_weights_are_one_on_policy():
     thetas = jnp.asarray(_thetas(6), jnp.float32)
     values = jnp.asarray(np.random.default_rng(0).normal(-20, 5, 5), jnp.float32)
-    episodes = ipd.sample(jax.random.key(0), thetas[0], thetas[1], 64)
-    ratio = jnp.exp(ipd.joint_log_probs(thetas[0], thetas[1], episodes)
-                    - episodes.log_probs.sum(-1))
+    episodes, behaviour = lola.sample_with_behaviour(jax.random.key(0), thetas[0], thetas[1], 64,
+                                                     ipd.HORIZON)
+    ratio = jnp.exp(ipd.joint_log_probs(thetas[0], thetas[1], episodes) - behaviour)
     np.testing.assert_allclose(ratio, 1.0, atol=1e-5)
 
     def objective(t1, t2, off):
-        return lola.dice_return(t1, t2, values, episodes, 0, 0.96, off)
+        return lola.dice_return(t1, t2, values, episodes, 0, 0.96, behaviour if off else None)
 
     for order in (lambda f: f, jax.grad, lambda f: jax.grad(lambda a, b: jnp.sum(
             jax.grad(f, 1)(a, b) ** 2))):
@@ -138,13 +141,16 @@ def test_off_policy_correction_reweights_stale_episodes():
     read as on-policy they estimate the behaviour's value (rejected)."""
     behaviour = jnp.asarray(_thetas(7), jnp.float32)
     target = behaviour + 0.15 * jnp.asarray(_thetas(8), jnp.float32)
-    episodes = ipd.sample(jax.random.key(1), behaviour[0], behaviour[1], 8192)
+    episodes, log_mu = lola.sample_with_behaviour(jax.random.key(1), behaviour[0], behaviour[1],
+                                                  8192, ipd.HORIZON)
     zero = jnp.zeros(5, jnp.float32)
 
     def per_episode(off):
-        one = jax.vmap(lambda e: lola.dice_return(
-            target[0], target[1], zero, jax.tree.map(lambda x: x[None], e), 0, 0.96, off))
-        return np.asarray(one(episodes), np.float64)
+        def one(e, mu):
+            e = jax.tree.map(lambda x: x[:, None], e)
+            return lola.dice_return(target[0], target[1], zero, e, 0, 0.96,
+                                    mu[:, None] if off else None)
+        return np.asarray(jax.vmap(one, (1, 1))(episodes, log_mu), np.float64)
 
     with jax.enable_x64(True):
         truth = float(ipd.finite_horizon_values(jnp.asarray(target[0], jnp.float64),
@@ -155,16 +161,106 @@ def test_off_policy_correction_reweights_stale_episodes():
         assert (abs(z) < 4) == accepted, (off, z)
 
 
-def test_replay_ring_buffer_overwrites_oldest():
+# A stale replay: 192 of its 256 episodes come from older policies, 64 fresh ones are added by
+# the lookahead. γ = 0.6 and T = 40 (γ^T ≈ 1e-9): the infinite-game oracle is the truth.
+STALE = lola.LolaConfig(comp=None, hessian=64, outer=None, hessian_off_policy=True,
+                        replay_size=256, gamma=0.6, horizon=40)
+STALE_REPEATS = 600
+
+
+def _stale_estimates(drop_weights: bool):
+    """Per repeat (a fresh stale replay and fresh batch each): player 1's inner gradient of the
+    opponent's return from the replay, and its LOLA meta-gradient (step value and outer part
+    exact, Hessian part from the replay): [R, 5] each, with the exact values."""
+    thetas = jnp.asarray(_thetas(11, 0.6), jnp.float32)
+    older = thetas + 0.5 * jnp.asarray(_thetas(12), jnp.float32)
+    values = jnp.asarray(np.random.default_rng(13).normal(-2, 1, (2, 5)), jnp.float32)
+
+    def one(key):
+        key_fill, key_step = jax.random.split(key)
+        replay = lola.replay_fill(key_fill, older[0], older[1], STALE)
+        if drop_weights:  # behaviour = current policy: every weight 1, no correction
+            replay = replay._replace(behaviour=ipd.joint_log_probs(
+                thetas[0], thetas[1], replay.episodes))
+        inner = lola._opponent_gradient(STALE.hessian, True, 0, thetas[0], thetas[1], values[1],
+                                        jax.random.split(key_step)[0], replay, STALE)[0]
+        meta = jax.grad(lambda t: lola.meta_objective(t, 0, thetas[1], values, key_step, replay,
+                                                      STALE)[0])(thetas[0])
+        return inner, meta
+
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(14), STALE_REPEATS)
+        inner, meta = (np.asarray(x, np.float64) for x in jax.jit(jax.vmap(one))(keys))
+        t64 = thetas.astype(jnp.float64)
+        exact_inner = np.asarray(jax.grad(lambda t: ipd.exact_values(t64[0], t, 0.6)[1])(t64[1]))
+        exact_meta = np.asarray(lola.exact_lola_gradients(thetas, STALE), np.float64)[0]
+    return (inner, exact_inner), (meta, exact_meta)
+
+
+def _z(estimates, truth):
+    return (estimates.mean(0) - truth) / (estimates.std(0, ddof=1) / np.sqrt(len(estimates)))
+
+
+def test_stale_replay_gradients_are_unbiased_with_weights_and_biased_without():
+    """The lookahead's off-policy DiCE over a persistent replay of older episodes: its inner
+    gradient and the LOLA meta-gradient it yields (Hessian part from the replay, the rest exact:
+    a linear composition, so no compositional bias) are unbiased for the exact values at the
+    current parameters (every |z| < 4, 5 coordinates each); with the importance weights
+    dropped, both are rejected (some |z| > 6)."""
+    for part in _stale_estimates(drop_weights=False):
+        assert np.all(np.abs(_z(*part)) < 4), _z(*part)
+    for part in _stale_estimates(drop_weights=True):
+        assert np.max(np.abs(_z(*part))) > 6, _z(*part)
+
+
+def test_replay_is_a_fifo_of_fixed_capacity():
     cfg = lola.LolaConfig(comp_off_policy=True, hessian_off_policy=True, comp=2, hessian=2,
-                          replay_size=4, horizon=3)
+                          replay_size=6, horizon=3)
     replay = lola.replay_fill(jax.random.key(0), jnp.zeros(5), jnp.zeros(5), cfg)
-    fresh = jax.tree.map(lambda x: jnp.full((2,) + x.shape[1:], 7, x.dtype), replay.episodes)
-    replay = lola.replay_add(replay, fresh)
-    assert int(replay.next) == 2
-    assert np.all(np.asarray(replay.episodes.rewards[:2]) == 7)
-    replay = lola.replay_add(lola.replay_add(replay, fresh), fresh)
-    assert int(replay.next) == 2 and np.all(np.asarray(replay.episodes.rewards) == 7)
+    assert replay.behaviour.shape == (3, 6) and replay.episodes.states.shape == (3, 6)
+
+    def marked(value):
+        fresh = jax.tree.map(lambda x: jnp.full((3, 2), value, x.dtype), replay.episodes)
+        return fresh, jnp.full((3, 2), -float(value))
+
+    slots = []
+    for value in (1, 2, 3, 4):
+        replay = lola.replay_add(replay, *marked(value))
+        slots.append(int(replay.next))
+        assert replay.behaviour.shape == (3, 6)  # capacity fixed
+    assert slots == [2, 4, 0, 2]
+    # after 4 additions of 2 into 6 slots: batch 4 overwrote the oldest (batch 1), order kept
+    np.testing.assert_array_equal(np.asarray(replay.episodes.outcomes[0]), [4, 4, 2, 2, 3, 3])
+    np.testing.assert_array_equal(np.asarray(replay.behaviour[0]), [-4, -4, -2, -2, -3, -3])
+
+
+def test_weight_statistics_match_a_direct_computation():
+    rng = np.random.default_rng(3)
+    log_prob = rng.normal(-1.0, 0.3, (7, 50))
+    behaviour = log_prob + rng.normal(0.0, 0.2, (7, 50))
+    stats = lola.weight_stats(jnp.asarray(log_prob), jnp.asarray(behaviour))
+    w = np.exp(np.cumsum(log_prob - behaviour, axis=0))  # per-decision weights [T, N]
+    ess = (w.sum(1) ** 2 / (w ** 2).sum(1)).mean()
+    np.testing.assert_allclose(float(stats.ess), ess, rtol=1e-5)
+    np.testing.assert_allclose(float(stats.max_log_weight), np.log(w).max(), rtol=1e-5)
+    equal = lola.weight_stats(jnp.asarray(log_prob), jnp.asarray(log_prob))
+    np.testing.assert_allclose(float(equal.ess), 50.0, rtol=1e-6)
+
+
+def test_clip_rho_truncates_every_per_decision_ratio_in_value():
+    thetas = jnp.asarray(_thetas(15), jnp.float32)
+    older = thetas + 0.8 * jnp.asarray(_thetas(16), jnp.float32)
+    episodes, mu = lola.sample_with_behaviour(jax.random.key(2), older[0], older[1], 64, 20)
+    zero = jnp.zeros(5, jnp.float32)
+    log_rho = np.asarray(ipd.joint_log_probs(thetas[0], thetas[1], episodes) - mu, np.float64)
+    rewards = np.asarray(episodes.rewards(0), np.float64)
+    discounts = 0.9 ** np.arange(20)[:, None]
+    for clip in (None, 1.0, 0.5):
+        got = float(lola.dice_return(thetas[0], thetas[1], zero, episodes, 0, 0.9, mu, clip))
+        ratio = np.exp(log_rho) if clip is None else np.minimum(np.exp(log_rho), clip)
+        want = np.mean(np.sum(discounts * np.cumprod(ratio, 0) * rewards, 0))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert not np.allclose(np.minimum(np.exp(log_rho), 0.5), np.exp(log_rho))  # clipping bites
 
 
 def test_training_is_deterministic_per_seed_and_chunk_invariant():
@@ -207,16 +303,20 @@ def test_seeds_sharded_over_two_cpu_devices_give_the_same_results(tmp_path):
         np.testing.assert_allclose(sharded[f"arr_{i}"], x, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_off_policy_training_is_deterministic_and_finite():
-    """Slow (compiles the replay variant); the fast tests cover the replay and the weights."""
-    cfg = lola.LolaConfig(comp=8, hessian=16, outer=8, horizon=12, comp_off_policy=True,
-                          replay_size=16, replay_mode="persistent")
-    a = lola.train(cfg, seed=1, num_seeds=2, num_updates=3, chunk=3).metrics
-    b = lola.train(cfg, seed=1, num_seeds=2, num_updates=3, chunk=3).metrics
+def test_off_policy_training_is_deterministic_and_logs_a_stale_replay():
+    cfg = lola.LolaConfig(comp=8, hessian=8, outer=8, horizon=12, comp_off_policy=True,
+                          hessian_off_policy=True, replay_size=32)
+    a = lola.train(cfg, seed=1, num_seeds=2, num_updates=6, chunk=3).metrics
+    b = lola.train(cfg, seed=1, num_seeds=2, num_updates=6, chunk=6).metrics
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
         assert np.all(np.isfinite(x))
+    # the replay is filled at θ = 0 and the policies move: after the first updates its
+    # effective size falls below its 32 episodes
+    assert np.all(a.ess[:, 0] > 31.99) and np.all(a.ess[:, 1:] < 31.99), a.ess
+    on_policy = lola.train(dataclasses.replace(cfg, comp_off_policy=False,
+                                               hessian_off_policy=False), 1, 1, 2, 2).metrics
+    assert np.all(np.isnan(on_policy.ess))
 
 
 def test_exact_lola_reaches_mutual_cooperation():
@@ -260,24 +360,67 @@ def test_cli_lola_writes_results(tmp_path):
     assert (out / "curves.csv").exists() and (out / "config.json").exists()
 
 
-def test_report_and_figures_from_summaries(tmp_path):
-    def fake(corr):
-        per_seed = list(corr + 0.01 * np.arange(-2, 3))
-        return {"final_joint_score": -1.2, "final_joint_score_hw": 0.1, "mean_corr": corr,
-                "mean_corr_hw": 0.01, "run_seconds": 1.0, "compile_seconds": 1.0,
-                "per_seed_mean_corr": per_seed,
-                "curves": {"joint_score": [-1.5, -1.2], "joint_score_hw": [0.0, 0.1],
-                           "corr": [corr, corr], "corr_hw": [0.01, 0.01]}}
+def _fake_result(final, corr, seeds=6, updates=20, ess=None):
+    """A stored-result-like dict from per-seed final joint scores [S] and a correlation level."""
+    rng = np.random.default_rng(int(1000 * abs(float(np.mean(final)) + corr)))
+    score = np.broadcast_to(np.asarray(final)[:, None, None], (seeds, updates, 2)).copy()
+    score[:, : updates // 2] = -1.8
+    corrs = corr + 0.05 * rng.standard_normal((seeds, updates, 2))
+    metrics = lola.UpdateMetrics(score, np.full((seeds, updates, 2, 5), 0.5),
+                                 np.zeros((seeds, updates, 2, 5)), np.zeros((seeds, updates, 2, 5)),
+                                 np.full((seeds, updates, 2), np.nan if ess is None else ess),
+                                 np.full((seeds, updates, 2), np.nan if ess is None else 3.0))
+    summary = lola_runs.summarize(metrics, corrs)
+    summary.update(config={"replay_size": 1024, "comp_off_policy": ess is not None,
+                           "hessian_off_policy": ess is not None, "horizon": 100},
+                   run_seconds=1.0, compile_seconds=1.0,
+                   per_seed={"score": score, "cooperation": metrics.cooperation, "corr": corrs,
+                             "ess": metrics.ess, "max_log_weight": metrics.max_log_weight})
+    return io.to_jsonable(summary)
 
-    summaries = {"inner128-outer128": fake(0.2), "off-policy": fake(0.5),
-                 "comp1024-hess128": fake(0.2)}
-    lola_runs.plot_curves(tmp_path, summaries)
-    lola_runs.write_report(tmp_path / "report.md", summaries, 5, 2)
+
+def test_final_return_table_verdicts_and_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    base = -1.5 + 0.02 * rng.standard_normal(6)
+    results = {"inner128-outer128": _fake_result(base, 0.2),
+               "off-policy": _fake_result(base + 0.45, 0.5, ess=300.0),
+               "comp1024-hess128": _fake_result(base + 0.01 * rng.standard_normal(6), 0.2),
+               "inner1024": _fake_result(base - 0.3, 0.4)}
+    summaries = {n: {k: v for k, v in r.items() if k != "per_seed"} for n, r in results.items()}
+    s = summaries["off-policy"]
+    assert s["final_window"] == 2  # 10% of 20 updates
+    np.testing.assert_allclose(s["per_seed_final_joint_score"], base + 0.45)
+    assert s["mutual_cooperation"] == 1.0 and summaries["inner1024"]["mutual_cooperation"] == 0.0
+    assert s["replay_ess"] == 300.0
+    tests = lola_runs.final_return_tests(summaries)
+    assert set(tests) == {"off-policy", "comp1024-hess128", "inner1024"}
+    for t in tests.values():  # Holm never lowers a p-value, and here it scales the smallest by 3
+        assert t["p_holm"] >= t["p"]
+    smallest = min(tests, key=lambda n: tests[n]["p"])
+    assert tests[smallest]["p_holm"] == pytest.approx(min(1.0, 3 * tests[smallest]["p"]))
+    lola_runs.plot_study(tmp_path, results)
+    lola_runs.write_report(tmp_path / "report.md", summaries, 6, 20)
     report = (tmp_path / "report.md").read_text()
-    assert "(off-policy) raises the gradient correlation" in report
-    assert "(comp1024-hess128) does not significantly change" in report
-    assert (tmp_path / "joint_score.png").stat().st_size > 0
-    assert (tmp_path / "correlation.png").stat().st_size > 0
+    assert "(off-policy): **raises the final return**" in report
+    assert "(inner1024): **lowers the final return**" in report
+    assert "(comp1024-hess128): **no significant change**" in report
+    assert "detects with 80% power" in report and "raise `--seeds`" in report
+    assert "Off-policy variants against inner1024" in report
+    for name in ("joint_score.png", "correlation.png", "final_joint_score.png", "replay_ess.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_exact_diagnostic_outside_the_update_matches_the_oracle():
+    cfg = lola.LolaConfig(comp=8, hessian=8, outer=8, horizon=12)
+    metrics = lola.train(cfg, seed=2, num_seeds=2, num_updates=3, chunk=3).metrics
+    thetas = np.log(metrics.cooperation / (1 - metrics.cooperation))
+    with jax.enable_x64(True):
+        for s in range(2):
+            for u in range(3):
+                want = lola.exact_lola_gradients(jnp.asarray(thetas[s, u], jnp.float32), cfg)
+                np.testing.assert_allclose(metrics.exact_grad[s, u], want, rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(metrics.score[s, u], lola.exact_average_rewards(
+                    jnp.asarray(thetas[s, u], jnp.float32), 12), rtol=1e-5)
 
 
 def _numbers(result):
@@ -353,7 +496,7 @@ def test_interrupted_lola_study_resumes_from_the_store_to_the_same_numbers(tmp_p
         assert len(store) == len(STUDY_VARIANTS)
         resumed = [store.get(lola_runs_key(p)).result for p in points]
     assert [_numbers(r) for r in resumed] == [_numbers(r) for r in whole]
-    assert (out / "report.md").exists() and (out / "correlation.png").exists()
+    assert (out / "report.md").exists() and (out / "final_joint_score.png").exists()
 
 
 def lola_runs_key(point):
@@ -362,7 +505,7 @@ def lola_runs_key(point):
     return config_key(point)
 
 
-def test_cli_replay_modes_match_the_library():
+def test_cli_baselines_match_the_library():
     from gmrl.commands import lola as command
 
-    assert command.REPLAY_MODES == lola.REPLAY_MODES
+    assert command.BASELINES == lola.BASELINES

@@ -71,6 +71,21 @@ def _masked(x: Array, mask: Array | None) -> Array:
     return x if mask is None else jnp.where(mask > 0, x, 0.0)
 
 
+def cumsum(x: Array) -> Array:
+    """Inclusive prefix sum over axis 0 as a `lax.scan`.
+
+    Same values as `jnp.cumsum` up to rounding. On CPU `jnp.cumsum` lowers to a reduce-window
+    whose work grows with T²; differentiated to second order inside a LOLA-DiCE update (T = 100,
+    128 episodes × 10 seeds) the scan was the cheapest of jnp.cumsum, `lax.associative_scan`
+    and a blocked triangular product (benchmarks/lola.py). Shape unchanged.
+    """
+    def step(total, value):
+        total = total + value
+        return total, total
+
+    return lax.scan(step, jnp.zeros_like(x[0]), x)[1]
+
+
 def time_discounts(discounts: Array) -> Array:
     """γ^t = Π_{i<t} γ_i for t = 0..T-1 (so the first entry is 1). Shape [T]."""
     chex.assert_rank(discounts, 1)
@@ -109,7 +124,7 @@ def dice(log_prob: Array, behaviour_log_prob: Array | None, rewards: Array, disc
     """DiCE surrogate Σ_t γ^t w_t r_t (Foerster et al. 2018, eq. 3; no baseline). Returns []."""
     _check_1d(log_prob, behaviour_log_prob, rewards, discounts, mask)
     log_ratio = _masked(log_prob - _on_policy(log_prob, behaviour_log_prob), mask)
-    weights = jnp.exp(jnp.cumsum(log_ratio))
+    weights = jnp.exp(cumsum(log_ratio))
     return jnp.sum(_masked(time_discounts(discounts) * weights * rewards, mask))
 
 

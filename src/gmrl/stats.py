@@ -149,3 +149,44 @@ def fit_power_law(x, y, y_se) -> tuple[float, float]:
     cov = np.linalg.inv(design.T @ (design * w[:, None]))
     coef = cov @ design.T @ (w * ly)
     return float(coef[1]), float(np.sqrt(cov[1, 1]))
+
+
+def welch(a, b, level: float = 0.95) -> dict[str, float]:
+    """Difference of means a − b with Welch's t-test (unequal variances; Welch 1947).
+
+    a, b: 1-D samples (e.g. one value per seed), at least 2 each. Returns {"diff", "hw" (the
+    `level` half-width of the difference), "se", "df", "p" (two-sided)}.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    require(a.ndim == b.ndim == 1 and len(a) >= 2 and len(b) >= 2,
+            "Welch's test needs two 1-D samples of at least 2 values")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    diff = float(a.mean() - b.mean())
+    if se == 0.0:
+        return {"diff": diff, "hw": 0.0, "se": 0.0, "df": float("inf"),
+                "p": 1.0 if diff == 0.0 else 0.0}
+    df = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
+    t = diff / se
+    return {"diff": diff, "hw": float(_scipy_stats.t.ppf(0.5 + level / 2, df) * se), "se": se,
+            "df": df, "p": float(2 * _scipy_stats.t.sf(abs(t), df))}
+
+
+def holm_adjust(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Holm 1979): p̃_(i) = max_{j≤i} min(1, (m − j) p_(j)),
+    p sorted ascending (j from 0); reject where p̃ ≤ α. [m] -> [m]."""
+    p = np.asarray(p_values, np.float64)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (len(p) - np.arange(len(p))) * p[order])
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
+
+
+def detectable_difference(se: float, tests: int = 1, alpha: float = 0.05,
+                          power: float = 0.8) -> float:
+    """Smallest true difference a two-sided z-test at level α/`tests` (Bonferroni, the strictest
+    step of Holm's rule) detects with probability `power`, given the standard error of the
+    difference: (z_{1−α/(2m)} + z_{power}) · se."""
+    return float((_scipy_stats.norm.ppf(1 - alpha / (2 * tests)) + _scipy_stats.norm.ppf(power))
+                 * se)

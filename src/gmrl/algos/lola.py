@@ -37,7 +37,7 @@ from gmrl.errors import require
 from gmrl.metagrad import straight_through
 
 Array = jax.Array
-REPLAY_MODES = ("update", "persistent")
+BASELINES = ("return", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +46,15 @@ class LolaConfig:
 
     comp, hessian: sources of the lookahead step's value and Jacobian (episodes or None).
     outer: source of the agent's own objective at the opponent's lookahead parameters.
-    comp_off_policy / hessian_off_policy: that part uses the importance-weighted replay of
-    `replay_size` episodes; each inner step first adds a fresh batch (that part's batch size).
-    replay_mode: "update" refills the replay from the current policies at the start of every
-    update; "persistent" fills it once and carries it across updates (stale, genuinely off-policy).
-    value_target: "return" fits V(s_t) to the discounted return-to-go, "reward" to r_t.
+    comp_off_policy / hessian_off_policy: that part is the importance-weighted DiCE over a
+    persistent FIFO replay of `replay_size` episodes, filled once from the initial policies; every
+    inner step first adds its fresh batch (that part's batch size), overwriting the oldest
+    episodes, as in the reference code (Liu, Feng et al. 2022, lola_dice_off_policy*.py).
+    clip_rho: truncate each per-decision ratio at c, ρ̄_t = min(ρ_t, c) (None: no truncation);
+    lowers the variance of stale-replay estimates at the price of a bias.
+    baseline: "return" fits the value table V(s_t) to the discounted return-to-go and uses it in
+    every sampled part; "reference" fits it to r_t and leaves the on-policy inner parts of the
+    off-policy variants without a baseline, as the reference code does.
     """
 
     comp: int | None = 128
@@ -59,12 +63,12 @@ class LolaConfig:
     comp_off_policy: bool = False
     hessian_off_policy: bool = False
     replay_size: int = 1024
-    replay_mode: str = "update"
+    clip_rho: float | None = None
     lookaheads: int = 1
     inner_lr: float = 0.3
     outer_lr: float = 0.1
     value_lr: float = 0.1
-    value_target: str = "return"
+    baseline: str = "return"
     gamma: float = ipd.GAMMA
     horizon: int = ipd.HORIZON
 
@@ -83,10 +87,12 @@ class LolaConfig:
         if self.comp_off_policy and self.hessian_off_policy:
             require(self.comp == self.hessian, "off-policy comp and hessian share the replay's "
                     f"fresh batch: sizes must agree, got {self.comp} and {self.hessian}")
-        require(self.replay_mode in REPLAY_MODES,
-                f"replay mode must be one of {', '.join(REPLAY_MODES)}, got {self.replay_mode!r}")
-        require(self.value_target in ("return", "reward"),
-                f"value target must be 'return' or 'reward', got {self.value_target!r}")
+        require(self.clip_rho is None or self.clip_rho > 0,
+                f"clip-rho must be > 0 (or none), got {self.clip_rho}")
+        require(self.clip_rho is None or self.off_policy,
+                "clip-rho applies only to an off-policy part (--off-policy*)")
+        require(self.baseline in BASELINES,
+                f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         require(self.lookaheads >= 1, f"lookaheads must be >= 1, got {self.lookaheads}")
         require(0.0 < self.gamma < 1.0, f"gamma must be in (0, 1), got {self.gamma}")
         require(self.horizon >= 1, f"horizon must be >= 1, got {self.horizon}")
@@ -108,6 +114,23 @@ class LolaConfig:
         """Whether the value and Jacobian of a step come from one and the same estimate."""
         return self.comp == self.hessian and self.comp_off_policy == self.hessian_off_policy
 
+    def inner_baseline(self, off_policy_part: bool) -> bool:
+        """Whether an inner (lookahead) part uses the value baseline."""
+        return self.baseline == "return" or off_policy_part or not self.off_policy
+
+    @property
+    def has_exact_part(self) -> bool:
+        """Whether a part is the closed-form value: its program is traced with float64 enabled
+        (the exact part in float64); a fully sampled variant's program is all float32."""
+        return None in (self.comp, self.hessian, self.outer)
+
+    @property
+    def exact_part(self) -> LolaConfig:
+        """The settings the exact LOLA gradient depends on (every source exact): one oracle
+        program serves all variants that share them."""
+        return LolaConfig(comp=None, hessian=None, outer=None, lookaheads=self.lookaheads,
+                          inner_lr=self.inner_lr, gamma=self.gamma, horizon=self.horizon)
+
 
 def _ordered(player: int, own: Any, other: Any) -> tuple[Any, Any]:
     """(player 1's, player 2's) from `player`'s own and its opponent's."""
@@ -118,41 +141,83 @@ def _ordered(player: int, own: Any, other: Any) -> tuple[Any, Any]:
 # Objectives: exact (float64) and sampled (DiCE + value baseline)
 
 
-def exact_return(theta1: Array, theta2: Array, player: int, gamma: float) -> Array:
-    """Exact discounted value of `player` at (θ1, θ2), computed in float64. Returns [] (input dtype)."""
+def exact_return(theta1: Array, theta2: Array, player: int, gamma: float,
+                 horizon: int | None = None) -> Array:
+    """Exact discounted value of `player` at (θ1, θ2) in float64: of the infinite game (the
+    reference's oracle) or, with `horizon`, of the first `horizon` steps. Returns [] (input dtype)."""
     dtype = theta1.dtype
     with jax.enable_x64(True):
-        value = ipd.exact_values(theta1.astype(jnp.float64), theta2.astype(jnp.float64), gamma)
+        t1, t2 = theta1.astype(jnp.float64), theta2.astype(jnp.float64)
+        value = (ipd.exact_values(t1, t2, gamma) if horizon is None
+                 else ipd.finite_horizon_values(t1, t2, gamma, horizon))
         return value[player].astype(dtype)
 
 
+def truncated_behaviour(log_prob: Array, behaviour: Array, clip_rho: float | None) -> Array:
+    """Behaviour log-probs raised so that every per-decision ratio is min(ρ_t, c) in value.
+
+    log ρ̄_t = log ρ_t − sg(max(0, log ρ_t − log c)): the truncation is a constant, so every
+    derivative of the (DiCE) weights is that of the truncated weight, as in V-trace (Espeholt et
+    al. 2018). log_prob, behaviour [T, N] -> [T, N].
+    """
+    if clip_rho is None:
+        return behaviour
+    excess = jax.nn.relu(log_prob - behaviour - jnp.log(jnp.asarray(clip_rho, log_prob.dtype)))
+    return behaviour + lax.stop_gradient(excess)
+
+
+class WeightStats(NamedTuple):
+    """Staleness of a replay at the current parameters (per-decision weights w_{t,n} =
+    Π_{t'≤t} ρ̄_{t',n}, joint ratios of both players).
+
+    ess []             effective sample size (Σ_n w)² / Σ_n w² (Kong 1992), averaged over t
+    max_log_weight []  max_{t,n} log w_{t,n}
+    """
+
+    ess: Array
+    max_log_weight: Array
+
+
+def weight_stats(log_prob: Array, behaviour: Array) -> WeightStats:
+    """`WeightStats` of per-decision weights from log-probs [T, N] (in log space, no gradient)."""
+    log_w = estimators.cumsum(lax.stop_gradient(log_prob - behaviour))  # [T, N]
+    log_ess = 2 * jax.nn.logsumexp(log_w, axis=1) - jax.nn.logsumexp(2 * log_w, axis=1)
+    return WeightStats(jnp.mean(jnp.exp(log_ess)), jnp.max(log_w))
+
+
 def dice_return(theta1: Array, theta2: Array, values: Array, episodes: ipd.Episodes, player: int,
-                gamma: float, off_policy: bool) -> Array:
+                gamma: float, behaviour: Array | None = None, clip_rho: float | None = None,
+                baseline: bool = True) -> Array:
     """Mean over episodes of DiCE(joint) + Σ_t γ^t (1 − ρ_t) V(s_t) for `player`'s rewards.
 
-    ρ_t is the joint ratio of both players' current over behaviour probabilities (behaviour =
-    stop_gradient(current) on-policy, the recorded log-probs off-policy); `values` [5] is the
-    player's value table, held constant. Returns [].
+    Foerster et al. 2018 (DiCE, eq. 3 and its baseline, §4). ρ_t is the joint ratio of both
+    players' current over behaviour probabilities: on-policy (`behaviour` None) the behaviour is
+    stop_gradient(current); off-policy `behaviour` [T, N] holds the joint log-probs recorded
+    when sampling, so every DiCE dependency is importance-weighted, with per-decision ratios
+    truncated at `clip_rho` (`truncated_behaviour`). `values` [5] is the player's value table,
+    held constant; `baseline=False` drops the baseline term. Returns [].
     """
-    log_prob = ipd.joint_log_probs(theta1, theta2, episodes)
-    behaviour = episodes.log_probs.sum(-1) if off_policy else None
-    rewards = episodes.rewards[..., player]
-    discounts = jnp.full(rewards.shape[-1], gamma, rewards.dtype)
-    baseline = lax.stop_gradient(values)[ipd.own_states(episodes.states, player)]
-    dice = jax.vmap(estimators.dice, (0, 0 if off_policy else None, 0, None))(
-        log_prob, behaviour, rewards, discounts)
-    baseline_term = -jax.vmap(estimators.lvc, (0, 0 if off_policy else None, 0, None))(
-        log_prob, behaviour, baseline, discounts)
-    return jnp.mean(dice + baseline_term)
+    log_prob = ipd.joint_log_probs(theta1, theta2, episodes)  # [T, N]
+    if behaviour is not None:
+        behaviour = truncated_behaviour(log_prob, behaviour, clip_rho)
+    rewards = episodes.rewards(player, log_prob.dtype)
+    discounts = jnp.full(rewards.shape[0], gamma, rewards.dtype)
+    axes = (1, None if behaviour is None else 1, 1, None)
+    objective = jax.vmap(estimators.dice, axes)(log_prob, behaviour, rewards, discounts)
+    if baseline:
+        v = lax.stop_gradient(values)[ipd.own_states(episodes.states, player)]
+        objective = objective - jax.vmap(estimators.lvc, axes)(log_prob, behaviour, v, discounts)
+    return jnp.mean(objective)
 
 
 def value_loss(values: Array, episodes: ipd.Episodes, player: int, gamma: float,
-               target: str) -> Array:
-    """Mean squared error of the tabular value V [5] against returns-to-go (or rewards). []."""
-    rewards = episodes.rewards[..., player]
-    if target == "return":
-        discounts = jnp.full(rewards.shape[-1], gamma, rewards.dtype)
-        rewards = jax.vmap(estimators.discounted_returns, (0, None, None))(rewards, discounts, 0.0)
+               baseline: str) -> Array:
+    """Mean squared error of the tabular value V [5] against the discounted returns-to-go
+    (baseline "return") or the rewards r_t ("reference"). []."""
+    rewards = episodes.rewards(player, values.dtype)
+    if baseline == "return":
+        discounts = jnp.full(rewards.shape[0], gamma, rewards.dtype)
+        rewards = jax.vmap(estimators.discounted_returns, (1, None, None), 1)(rewards, discounts, 0.0)
     predicted = values[ipd.own_states(episodes.states, player)]
     return jnp.mean((rewards - predicted) ** 2)
 
@@ -162,73 +227,103 @@ def value_loss(values: Array, episodes: ipd.Episodes, player: int, gamma: float,
 
 
 class Replay(NamedTuple):
-    """A ring buffer of episodes with recorded behaviour log-probs; `next` is the oldest slot."""
+    """A FIFO of episodes (time-major, [T, capacity]) with their joint behaviour log-probs
+    [T, capacity] recorded at sampling; `next` is the oldest slot."""
 
     episodes: ipd.Episodes
+    behaviour: Array
     next: Array
 
 
-def replay_add(replay: Replay, fresh: ipd.Episodes) -> Replay:
-    """Overwrite the oldest len(fresh) episodes with `fresh`."""
-    episodes = jax.tree.map(
-        lambda buf, new: lax.dynamic_update_slice_in_dim(buf, new, replay.next, 0),
-        replay.episodes, fresh)
-    size = replay.episodes.states.shape[0]
-    return Replay(episodes, (replay.next + fresh.states.shape[0]) % size)
+def replay_add(replay: Replay, fresh: ipd.Episodes, behaviour: Array) -> Replay:
+    """Overwrite the oldest N episodes with `fresh` (and their behaviour log-probs [T, N])."""
+    def put(buf, new):
+        return lax.dynamic_update_slice_in_dim(buf, new, replay.next, 1)
+
+    capacity = replay.behaviour.shape[1]
+    return Replay(jax.tree.map(put, replay.episodes, fresh), put(replay.behaviour, behaviour),
+                  (replay.next + behaviour.shape[1]) % capacity)
+
+
+def sample_with_behaviour(key: Array, theta1: Array, theta2: Array, size: int,
+                          horizon: int) -> tuple[ipd.Episodes, Array]:
+    """`size` episodes at (θ1, θ2) and their joint log-probs there (constants), [T, N]."""
+    episodes = ipd.sample(key, theta1, theta2, size, horizon)
+    return episodes, lax.stop_gradient(ipd.joint_log_probs(theta1, theta2, episodes))
 
 
 def replay_fill(key: Array, theta1: Array, theta2: Array, cfg: LolaConfig) -> Replay:
     """A full replay sampled at (θ1, θ2)."""
-    episodes = ipd.sample(key, theta1, theta2, cfg.replay_size, cfg.horizon)
-    return Replay(episodes, jnp.zeros((), jnp.int32))
+    episodes, behaviour = sample_with_behaviour(key, theta1, theta2, cfg.replay_size, cfg.horizon)
+    return Replay(episodes, behaviour, jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
 # The lookahead (inner loop) and the meta-objective
 
 
+NO_WEIGHTS = WeightStats(jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+
+
 def _opponent_gradient(source: int | None, off_policy: bool, player: int, theta_own: Array,
                        theta_opp: Array, values_opp: Array, key: Array, replay: Replay | None,
-                       cfg: LolaConfig) -> tuple[Array, Replay | None]:
-    """∇_opp J_opp(θ_own, θ_opp) from `source`, differentiable in θ_own. Returns ([5], replay)."""
+                       cfg: LolaConfig) -> tuple[Array, Replay | None, WeightStats]:
+    """∇_opp J_opp(θ_own, θ_opp) from `source`, differentiable in θ_own.
+
+    Off-policy: the fresh batch joins the replay first, then the importance-weighted DiCE runs
+    over the whole replay. Returns ([5], replay, weight statistics (NaN on-policy)).
+    """
     opponent = 1 - player
+    thetas = _ordered(player, theta_own, theta_opp)
     if source is None:
         def objective(theta):
             return exact_return(*_ordered(player, theta_own, theta), opponent, cfg.gamma)
-        return jax.grad(objective)(theta_opp), replay
-    fresh = ipd.sample(key, *_ordered(player, theta_own, theta_opp), source, cfg.horizon)
+        return jax.grad(objective)(theta_opp), replay, NO_WEIGHTS
+    fresh, behaviour = sample_with_behaviour(key, *thetas, source, cfg.horizon)
+    stats = NO_WEIGHTS
     if off_policy:
-        replay = replay_add(replay, fresh)
-        fresh = replay.episodes
+        replay = replay_add(replay, fresh, behaviour)
+        fresh, behaviour = replay.episodes, replay.behaviour
+        current = ipd.joint_log_probs(*thetas, fresh)
+        stats = weight_stats(current, truncated_behaviour(current, behaviour, cfg.clip_rho))
+    else:
+        behaviour = None
+    baseline = cfg.inner_baseline(off_policy)
 
     def surrogate(theta):
         return dice_return(*_ordered(player, theta_own, theta), values_opp, fresh, opponent,
-                           cfg.gamma, off_policy)
+                           cfg.gamma, behaviour, cfg.clip_rho, baseline)
 
-    return jax.grad(surrogate)(theta_opp), replay
+    return jax.grad(surrogate)(theta_opp), replay, stats
 
 
 def lookahead(player: int, theta_own: Array, theta_opp: Array, values_opp: Array, key: Array,
-              replay: Replay | None, cfg: LolaConfig) -> tuple[Array, Replay | None]:
+              replay: Replay | None, cfg: LolaConfig) -> tuple[Array, Replay | None, WeightStats]:
     """The opponent's K anticipated steps θ_{k+1} = θ_k + α ĝ_k, composed as in docs/design.md
     (the straight-through step).
 
     Value of each step from the compositional source, Jacobian (in θ_own) from the Hessian source.
-    Returns (θ_opp after K steps [5], replay after the fresh batches were added).
+    Returns (θ_opp after K steps [5], replay after the fresh batches were added, the replay's
+    weight statistics at the first step).
     """
+    first = None
     for step_key in jax.random.split(key, cfg.lookaheads):
         key_comp, key_hess = jax.random.split(step_key)
-        comp_grad, replay = _opponent_gradient(cfg.comp, cfg.comp_off_policy, player, theta_own,
-                                               theta_opp, values_opp, key_comp, replay, cfg)
+        comp_grad, replay, comp_stats = _opponent_gradient(
+            cfg.comp, cfg.comp_off_policy, player, theta_own, theta_opp, values_opp, key_comp,
+            replay, cfg)
         if cfg.shared_inner:
             theta_opp = theta_opp + cfg.inner_lr * comp_grad
+            first = comp_stats if first is None else first
             continue
-        hess_grad, replay = _opponent_gradient(cfg.hessian, cfg.hessian_off_policy, player,
-                                               theta_own, theta_opp, values_opp, key_hess,
-                                               replay, cfg)
+        hess_grad, replay, hess_stats = _opponent_gradient(
+            cfg.hessian, cfg.hessian_off_policy, player, theta_own, theta_opp, values_opp,
+            key_hess, replay, cfg)
+        if first is None:
+            first = comp_stats if cfg.comp_off_policy else hess_stats
         theta_opp = straight_through(theta_opp + cfg.inner_lr * comp_grad,
                                      theta_opp + cfg.inner_lr * hess_grad)
-    return theta_opp, replay
+    return theta_opp, replay, first
 
 
 def meta_objective(theta_own: Array, player: int, theta_opp: Array, values: Array, key: Array,
@@ -236,29 +331,41 @@ def meta_objective(theta_own: Array, player: int, theta_opp: Array, values: Arra
     """Agent `player`'s outer objective at the opponent's lookahead parameters.
 
     values [2, 5] are both players' value tables. Returns (objective [], (outer episodes or None,
-    replay)); its gradient in θ_own is the LOLA meta-gradient estimate.
+    replay, weight statistics)); its gradient in θ_own is the LOLA meta-gradient estimate.
     """
     key_inner, key_outer = jax.random.split(key)
-    theta_look, replay = lookahead(player, theta_own, theta_opp, values[1 - player], key_inner,
-                                   replay, cfg)
+    theta_look, replay, stats = lookahead(player, theta_own, theta_opp, values[1 - player],
+                                          key_inner, replay, cfg)
     thetas = _ordered(player, theta_own, theta_look)
     if cfg.outer is None:
-        return exact_return(*thetas, player, cfg.gamma), (None, replay)
+        return exact_return(*thetas, player, cfg.gamma), (None, replay, stats)
     episodes = ipd.sample(key_outer, *thetas, cfg.outer, cfg.horizon)
-    objective = dice_return(*thetas, values[player], episodes, player, cfg.gamma, False)
-    return objective, (episodes, replay)
+    objective = dice_return(*thetas, values[player], episodes, player, cfg.gamma)
+    return objective, (episodes, replay, stats)
 
 
-def exact_lola_gradients(thetas: Array, cfg: LolaConfig) -> Array:
-    """Both players' exact LOLA meta-gradients at thetas [2, 5], in float64. Returns [2, 5]."""
-    exact = dataclasses.replace(cfg, comp=None, hessian=None, outer=None, comp_off_policy=False,
-                                hessian_off_policy=False)
+def exact_lola_gradients(thetas: Array, cfg: LolaConfig, horizon: int | None = None) -> Array:
+    """Both players' exact LOLA meta-gradients at thetas [2, 5], in float64. Returns [2, 5].
+
+    The oracle of the infinite game (the reference's) or, with `horizon`, of the first `horizon`
+    steps (what a sampled estimate from `horizon`-step episodes is unbiased for).
+    """
+    exact = cfg.exact_part
     dummy_values = jnp.zeros_like(thetas)
+
+    def objective(theta, player, theta_opp):
+        if horizon is None:
+            return meta_objective(theta, player, theta_opp, dummy_values, jax.random.key(0),
+                                  None, exact)[0]
+        look = theta_opp
+        for _ in range(cfg.lookaheads):
+            look = look + cfg.inner_lr * jax.grad(lambda t: exact_return(
+                *_ordered(player, theta, t), 1 - player, cfg.gamma, horizon))(look)
+        return exact_return(*_ordered(player, theta, look), player, cfg.gamma, horizon)
+
     with jax.enable_x64(True):
         thetas64 = thetas.astype(jnp.float64)
-        grads = [jax.grad(lambda t, p=p: meta_objective(
-            t, p, thetas64[1 - p], dummy_values, jax.random.key(0), None, exact)[0])(thetas64[p])
-            for p in (0, 1)]
+        grads = [jax.grad(objective)(thetas64[p], p, thetas64[1 - p]) for p in (0, 1)]
         return jnp.stack(grads).astype(thetas.dtype)
 
 
@@ -276,6 +383,22 @@ class TrainState(NamedTuple):
     replay: Replay | None
 
 
+class StepMetrics(NamedTuple):
+    """What the training program records per update (player axis first), at the parameters
+    before the update.
+
+    thetas [2, 5]          both players' logits
+    grad [2, 5]            the estimated meta-gradient of each player
+    ess [2]                each player's lookahead replay: effective sample size (NaN on-policy)
+    max_log_weight [2]     ... and its largest per-decision log-weight (NaN on-policy)
+    """
+
+    thetas: Array
+    grad: Array
+    ess: Array
+    max_log_weight: Array
+
+
 class UpdateMetrics(NamedTuple):
     """Per update, at the parameters before the update (player axis first where present).
 
@@ -283,12 +406,15 @@ class UpdateMetrics(NamedTuple):
     cooperation [2, 5]   σ(θ^i), cooperation probability per own state (start, CC, CD, DC, DD)
     grad [2, 5]          the estimated meta-gradient of each player
     exact_grad [2, 5]    the exact LOLA meta-gradient of each player (float64 oracle)
+    ess, max_log_weight [2]  replay staleness (`StepMetrics`; NaN for on-policy variants)
     """
 
     score: Array
     cooperation: Array
     grad: Array
     exact_grad: Array
+    ess: Array
+    max_log_weight: Array
 
 
 def _optimizers(cfg: LolaConfig):
@@ -296,7 +422,8 @@ def _optimizers(cfg: LolaConfig):
 
 
 def init_state(key: Array, cfg: LolaConfig) -> TrainState:
-    """Zero logits (cooperation 0.5) and zero values, as in the reference experiments."""
+    """Zero logits (cooperation 0.5) and zero values, as in the reference experiments; the
+    off-policy replay is filled once from these initial policies."""
     theta_opt, value_opt = _optimizers(cfg)
     thetas = jnp.zeros((2, ipd.NUM_STATES), jnp.float32)
     values = jnp.zeros((2, ipd.NUM_STATES), jnp.float32)
@@ -304,32 +431,30 @@ def init_state(key: Array, cfg: LolaConfig) -> TrainState:
     return TrainState(thetas, values, theta_opt.init(thetas), value_opt.init(values), replay)
 
 
-def update(state: TrainState, key: Array, cfg: LolaConfig) -> tuple[TrainState, UpdateMetrics]:
-    """One simultaneous LOLA update of both players (Adam ascent on each meta-gradient)."""
+def update(state: TrainState, key: Array, cfg: LolaConfig) -> tuple[TrainState, StepMetrics]:
+    """One simultaneous LOLA update of both players (Adam ascent on each meta-gradient).
+
+    Player 1's lookahead adds its fresh batches to the shared replay before player 2's, as in
+    the reference code.
+    """
     theta_opt, value_opt = _optimizers(cfg)
-    key_fill, key_1, key_2 = jax.random.split(key, 3)
     thetas, values, replay = state.thetas, state.values, state.replay
-    if cfg.off_policy and cfg.replay_mode == "update":
-        replay = replay_fill(key_fill, thetas[0], thetas[1], cfg)
-    grads, batches = [], []
-    for player, player_key in ((0, key_1), (1, key_2)):
-        grad, (episodes, replay) = jax.grad(meta_objective, has_aux=True)(
+    grads, batches, stats = [], [], []
+    for player, player_key in zip((0, 1), jax.random.split(key), strict=True):
+        grad, (episodes, replay, weights) = jax.grad(meta_objective, has_aux=True)(
             thetas[player], player, thetas[1 - player], values, player_key, replay, cfg)
         grads.append(grad)
         batches.append(episodes)
+        stats.append(weights)
     grads = jnp.stack(grads)
-    metrics = UpdateMetrics(
-        score=exact_average_rewards(thetas, cfg.horizon),
-        cooperation=jax.nn.sigmoid(thetas),
-        grad=grads,
-        exact_grad=exact_lola_gradients(thetas, cfg),
-    )
+    metrics = StepMetrics(thetas, grads, jnp.stack([w.ess for w in stats]),
+                          jnp.stack([w.max_log_weight for w in stats]))
     updates, theta_state = theta_opt.update(-grads, state.theta_opt, thetas)
     thetas = optax.apply_updates(thetas, updates)
     value_state = state.value_opt
     if cfg.outer is not None:
         value_grads = jnp.stack([jax.grad(value_loss)(values[p], batches[p], p, cfg.gamma,
-                                                      cfg.value_target) for p in (0, 1)])
+                                                      cfg.baseline) for p in (0, 1)])
         updates, value_state = value_opt.update(value_grads, value_state, values)
         values = optax.apply_updates(values, updates)
     return TrainState(thetas, values, theta_state, value_state, replay), metrics
@@ -340,6 +465,26 @@ def exact_average_rewards(thetas: Array, horizon: int) -> Array:
     with jax.enable_x64(True):
         t = thetas.astype(jnp.float64)
         return ipd.average_rewards(t[0], t[1], horizon).astype(thetas.dtype)
+
+
+def _diagnose(thetas: Array, cfg: LolaConfig) -> tuple[Array, Array]:
+    """Exact LOLA gradients [..., 2, 5] and scores [..., 2] at thetas [..., 2, 5] (float64)."""
+    flat = thetas.reshape(-1, 2, ipd.NUM_STATES)
+    grads = jax.vmap(lambda t: exact_lola_gradients(t, cfg))(flat)
+    scores = jax.vmap(lambda t: exact_average_rewards(t, cfg.horizon))(flat)
+    return grads.reshape(thetas.shape), scores.reshape(thetas.shape[:-1])
+
+
+_diagnose_jit = jax.jit(_diagnose, static_argnames="cfg")
+
+
+def diagnose(step: StepMetrics, cfg: LolaConfig) -> UpdateMetrics:
+    """The exact oracle at every recorded update, as its own float64 program (one per
+    `cfg.exact_part`, shared by all variants), outside the training program. Leaves [S, U, ...]."""
+    with jax.enable_x64(True):
+        exact, score = _diagnose_jit(jnp.asarray(step.thetas), cfg.exact_part)
+    return UpdateMetrics(score, jax.nn.sigmoid(step.thetas), step.grad, exact, step.ess,
+                         step.max_log_weight)
 
 
 def seed_keys(seed: int, num_seeds: int) -> Array:
@@ -354,7 +499,7 @@ def init_states(keys: Array, cfg: LolaConfig) -> TrainState:
 
 
 def _chunk(states: TrainState, keys: Array, first_update: Array, cfg: LolaConfig,
-           length: int) -> tuple[TrainState, UpdateMetrics]:
+           length: int) -> tuple[TrainState, StepMetrics]:
     def one_seed(state, key):
         def body(carry, index):
             return update(carry, jax.random.fold_in(jax.random.split(key)[1], index), cfg)
@@ -366,29 +511,51 @@ _train_chunk = jax.jit(_chunk, static_argnames=("cfg", "length"))
 
 
 def train_chunk(states: TrainState, keys: Array, first_update: Array, cfg: LolaConfig,
-                length: int) -> tuple[TrainState, UpdateMetrics]:
+                length: int) -> tuple[TrainState, StepMetrics]:
     """`length` updates from update index `first_update`, vmapped over seeds.
 
     states and keys have a leading seed axis [S]; returns (states, metrics [S, length, ...]). One
-    compiled program per (variant, length, number of seeds). Traced with float64 enabled so that
-    the exact oracle (and its derivatives inside the meta-gradient) runs in float64; the sampled
-    estimators stay float32 (explicit dtypes).
+    compiled program per (variant, length, number of seeds). The variants with an exact part are
+    traced with float64 enabled (`LolaConfig.has_exact_part`); the sampled estimators stay
+    float32 (explicit dtypes).
     """
-    with jax.enable_x64(True):
+    with jax.enable_x64(cfg.has_exact_part):
         return _train_chunk(states, keys, first_update, cfg, length)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _compiled_chunk(cfg: LolaConfig, chunk: int, num_seeds: int, sharding: Any):
     """The ahead-of-time compiled `_train_chunk` for (cfg, chunk, number of seeds, placement of
-    the seeds); the few most recent programs are kept, so repeating a run in one process does
+    the seeds); the most recent programs are kept, so repeating a run in one process does
     not compile again (the same `functools.lru_cache` idiom as `gmrl.algos.a2c`)."""
-    keys = seed_keys(0, num_seeds)
-    states = init_states(keys, cfg)
-    if sharding is not None:
-        keys, states = jax.device_put((keys, states), sharding)
-    first = jnp.zeros((), jnp.int32)
-    return _train_chunk.lower(states, keys, first, cfg, chunk).compile()
+    with jax.enable_x64(cfg.has_exact_part):
+        keys = seed_keys(0, num_seeds)
+        states = init_states(keys, cfg)
+        if sharding is not None:
+            keys, states = jax.device_put((keys, states), sharding)
+        first = jnp.zeros((), jnp.int32)
+        return _train_chunk.lower(states, keys, first, cfg, chunk).compile()
+
+
+def _seed_sharding(num_seeds: int):
+    """Seeds split across the JAX devices (e.g. JAX_NUM_CPU_DEVICES=2: one per core) when their
+    number divides the seeds; None: one device."""
+    devices = jax.devices()
+    if len(devices) > 1 and num_seeds % len(devices) == 0:
+        return NamedSharding(Mesh(np.array(devices), ("seeds",)), PartitionSpec("seeds"))
+    return None
+
+
+def compile_programs(cfgs, chunk: int, num_seeds: int, workers: int = 2) -> float:
+    """Compile the training programs of `cfgs` ahead of time, `workers` at a time (XLA compiles
+    outside the GIL, so a study's programs compile in parallel). Returns wall seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    sharding = _seed_sharding(num_seeds)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(lambda c: _compiled_chunk(c.validate(), chunk, num_seeds, sharding), cfgs))
+    return time.perf_counter() - started
 
 
 class TrainResult(NamedTuple):
@@ -404,8 +571,9 @@ def train(cfg: LolaConfig, seed: int = 0, num_seeds: int = 10, num_updates: int 
     """Run `num_updates` LOLA updates for `num_seeds` seeds (vectorised); see `UpdateMetrics`.
 
     The updates run in blocks of `chunk` through one ahead-of-time compiled program (a last
-    partial block is computed in full and cut). `progress(done_updates, metrics_so_far)` is called
-    after each block, e.g. to write logs that survive an interrupt.
+    partial block is computed in full and cut); after each block the exact oracle runs on the
+    block's parameters (`diagnose`). `progress(done_updates, metrics_so_far)` is called after
+    each block, e.g. to write logs that survive an interrupt.
     """
     cfg.validate()
     require(num_seeds >= 1, f"number of seeds must be >= 1, got {num_seeds}")
@@ -414,22 +582,20 @@ def train(cfg: LolaConfig, seed: int = 0, num_seeds: int = 10, num_updates: int 
     chunk = min(chunk, num_updates)
     keys = seed_keys(seed, num_seeds)
     started = time.perf_counter()
-    with jax.enable_x64(True):
+    with jax.enable_x64(cfg.has_exact_part):
         states = init_states(keys, cfg)
-        devices = jax.devices()
-        seeds_axis = None
-        if len(devices) > 1 and num_seeds % len(devices) == 0:
-            # e.g. JAX_NUM_CPU_DEVICES=2: seeds split across devices (cores), one program
-            seeds_axis = NamedSharding(Mesh(np.array(devices), ("seeds",)), PartitionSpec("seeds"))
-            keys, states = jax.device_put((keys, states), seeds_axis)
-        compiled = _compiled_chunk(cfg, chunk, num_seeds, seeds_axis)
+        sharding = _seed_sharding(num_seeds)
+        if sharding is not None:
+            keys, states = jax.device_put((keys, states), sharding)
+        compiled = _compiled_chunk(cfg, chunk, num_seeds, sharding)
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     parts: list[UpdateMetrics] = []
     done = 0
     while done < num_updates:
-        states, metrics = compiled(states, keys, jnp.asarray(done, jnp.int32))
-        parts.append(jax.tree.map(np.asarray, metrics))
+        with jax.enable_x64(cfg.has_exact_part):
+            states, step = compiled(states, keys, jnp.asarray(done, jnp.int32))
+        parts.append(jax.tree.map(np.asarray, diagnose(step, cfg)))
         done += chunk
         so_far = jax.tree.map(lambda *xs: np.concatenate(xs, 1)[:, :num_updates], *parts)
         if progress is not None:

@@ -194,8 +194,13 @@ class JaxGame(NamedTuple):
 
 
 def _jax_episodes(episodes: ipd.Episodes) -> GameEpisodes:
-    states = jnp.stack([episodes.states, ipd.own_states(episodes.states, 1)], -1)
-    return GameEpisodes(states, episodes.actions, episodes.rewards)
+    """The time-major sampler's episodes as [n, T, 2] arrays, player last."""
+    def both(x0, x1):
+        return jnp.stack([x0, x1], -1).swapaxes(0, 1)
+
+    return GameEpisodes(both(episodes.states, ipd.own_states(episodes.states, 1)),
+                        both(episodes.actions(0), episodes.actions(1)),
+                        both(episodes.rewards(0), episodes.rewards(1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +284,7 @@ def _player_one(key, thetas: jax.Array, gamma, lr: float, horizon: int, size: in
         values = jnp.where(flag[0], _state_values(thetas, gamma, 1), 0.0)
 
         def objective(theta1):
-            step = jax.grad(lambda t: lola_algo.dice_return(theta1, t, values, batch, 1, gamma,
-                                                            False))(thetas[1])
+            step = jax.grad(lambda t: lola_algo.dice_return(theta1, t, values, batch, 1, gamma))(thetas[1])
             step = jnp.where(flag[1], lax.stop_gradient(step), step)
             return _values(theta1, thetas[1] + lr * step, gamma, horizon)[0]
 

@@ -14,7 +14,10 @@ import click
 from gmrl.devices import CPU_DEVICES_HELP, use_cpu_devices
 from gmrl.errors import require
 
-REPLAY_MODES = ("update", "persistent")  # gmrl.algos.lola.REPLAY_MODES, without importing JAX
+BASELINES = ("return", "reference")  # gmrl.algos.lola.BASELINES (tested equal), without JAX
+BASELINE_HELP = ("return: V fitted to the return-to-go, used in every sampled part; reference: "
+                 "V fitted to r_t and no baseline in the on-policy inner parts of off-policy "
+                 "variants, as the reference code.")
 BACKEND_HELP = "local: in-process; ray: one Ray task per run (see --address)."
 
 
@@ -30,17 +33,18 @@ BACKEND_HELP = "local: in-process; ray: one Ray task per run (see --address)."
 @click.option("--off-policy", is_flag=True, help="Both parts from the importance-weighted replay.")
 @click.option("--off-policy-comp", is_flag=True, help="Compositional part from the replay.")
 @click.option("--off-policy-hessian", is_flag=True, help="Hessian part from the replay.")
-@click.option("--replay-size", type=int, default=1024, show_default=True)
-@click.option("--replay-mode", type=click.Choice(REPLAY_MODES), default="update",
-              show_default=True, help="update: refill from the current policies every update; "
-              "persistent: fill once, then only fresh batches (stale data).")
+@click.option("--replay-size", type=int, default=1024, show_default=True,
+              help="Episodes in the persistent FIFO replay of the off-policy parts.")
+@click.option("--clip-rho", type=float, default=None,
+              help="Truncate each per-decision importance ratio at this value (less variance, "
+                   "some bias); default: no truncation.")
 @click.option("--lookaheads", "-K", type=int, default=1, show_default=True,
               help="Opponent lookahead steps K.")
 @click.option("--inner-lr", type=float, default=0.3, show_default=True)
 @click.option("--outer-lr", type=float, default=0.1, show_default=True, help="Adam lr of θ.")
 @click.option("--value-lr", type=float, default=0.1, show_default=True, help="Adam lr of V.")
-@click.option("--value-target", type=click.Choice(["return", "reward"]), default="return",
-              show_default=True, help="Fit V(s_t) to the return-to-go or to r_t.")
+@click.option("--baseline", type=click.Choice(BASELINES), default="return", show_default=True,
+              help=BASELINE_HELP)
 @click.option("--gamma", type=float, default=0.96, show_default=True)
 @click.option("--horizon", "-T", type=int, default=100, show_default=True,
               help="Episode length.")
@@ -55,8 +59,8 @@ BACKEND_HELP = "local: in-process; ray: one Ray task per run (see --address)."
 @click.option("--cpu-devices", type=int, default=None, help=CPU_DEVICES_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_policy_hessian,
-                 replay_size, replay_mode, lookaheads, inner_lr, outer_lr, value_lr,
-                 value_target, gamma, horizon, seeds, updates, seed, chunk, out, cpu_devices,
+                 replay_size, clip_rho, lookaheads, inner_lr, outer_lr, value_lr,
+                 baseline, gamma, horizon, seeds, updates, seed, chunk, out, cpu_devices,
                  progress):
     """LOLA-DiCE on the iterated prisoner's dilemma, with the exact LOLA gradient beside it."""
     use_cpu_devices(cpu_devices)  # before JAX starts
@@ -72,8 +76,8 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
         outer=lola_runs.parse_source(outer, "--outer"),
         comp_off_policy=off_policy or off_policy_comp,
         hessian_off_policy=off_policy or off_policy_hessian,
-        replay_size=replay_size, replay_mode=replay_mode, lookaheads=lookaheads,
-        inner_lr=inner_lr, outer_lr=outer_lr, value_lr=value_lr, value_target=value_target,
+        replay_size=replay_size, clip_rho=clip_rho, lookaheads=lookaheads,
+        inner_lr=inner_lr, outer_lr=outer_lr, value_lr=value_lr, baseline=baseline,
         gamma=gamma, horizon=horizon).validate()
     point = lola_runs.run_config(cfg, seeds, updates, seed, "lola")
     if out is not None:
@@ -91,6 +95,8 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--variants", default="all", show_default=True,
               help="Comma-separated subset of the reference variants (see docs/lola.md), or all.")
+@click.option("--baseline", type=click.Choice(BASELINES), default="return", show_default=True,
+              help=BASELINE_HELP)
 @click.option("--chunk", type=int, default=50, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/lola"),
               show_default=True, help="Result folder (results.sqlite: finished variants are reused "
@@ -100,8 +106,8 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
 @click.option("--cpu-devices", type=int, default=None, help=CPU_DEVICES_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def study_lola_command(seeds, updates, seed, variants, chunk, out, backend, address, cpu_devices,
-                       progress):
+def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, backend, address,
+                       cpu_devices, progress):
     """The reference LOLA-DiCE study: 11 variants, figures, curves.csv and report.md."""
     require(address is None or backend == "ray", "--address applies only to --backend ray")
     use_cpu_devices(cpu_devices)  # before JAX starts
@@ -112,14 +118,15 @@ def study_lola_command(seeds, updates, seed, variants, chunk, out, backend, addr
     lola_runs.check_run_size(seeds, updates, chunk, min_seeds=2)
     names = list(lola.REFERENCE_VARIANTS) if variants.strip() == "all" else [
         v.strip() for v in variants.split(",") if v.strip()]
-    points = lola_runs.study_points(names, seeds, updates, seed)
+    points = lola_runs.study_points(names, seeds, updates, seed, baseline)
     prepare_output_dir(out)
     results = lola_runs.run(points, out, chunk=chunk, backend=backend, address=address,
                             progress=progress)
     for point, result in zip(points, results, strict=True):
         click.echo(f"{point['variant']}: {lola_runs.describe(result)}")
     lola_runs.write_study(out, points, results)
-    click.echo(f"wrote {out / 'report.md'}, curves.csv, joint_score.png, correlation.png")
+    click.echo(f"wrote {out / 'report.md'}, curves.csv, joint_score.png, correlation.png, "
+               "final_joint_score.png")
 
 
 def register(cli: click.Group, study: click.Group) -> None:

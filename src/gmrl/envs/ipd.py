@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gmrl import sampling
+
 Array = jax.Array
 
 GAMMA = 0.96
@@ -39,18 +41,28 @@ SWAP = (0, 1, 3, 2, 4)
 
 
 class Episodes(NamedTuple):
-    """A batch of N joint episodes of T steps (batch-major).
+    """A batch of N joint episodes of T steps, time-major (the sampler's natural layout: no
+    transposes on CPU, and sums over time vectorise across episodes).
 
-    states [N, T] int32    s_t from player 1's side (0 at t = 0)
-    actions [N, T, 2] int32 a_t of players 1 and 2 (0 cooperate, 1 defect)
-    log_probs [N, T, 2]    behaviour log μ_i(a_t^i | s_t^i) recorded when sampling (no gradient)
-    rewards [N, T, 2]      r_t of players 1 and 2
+    states [T, N] int32    s_t from player 1's side (0 at t = 0)
+    outcomes [T, N] int32  o_t = 2 a¹_t + a²_t (0 cooperate, 1 defect), so s_{t+1} = o_t + 1
+
+    Actions and rewards are derived on demand (`actions`, `rewards`): elementwise, they fuse into
+    their consumers, where stacked [T, N, 2] arrays cost more than the sampling on CPU. The
+    behaviour log-probabilities are not stored: on-policy estimators use the current ones, and
+    the replay of `gmrl.algos.lola` records `joint_log_probs` at the sampling policies.
     """
 
     states: Array
-    actions: Array
-    log_probs: Array
-    rewards: Array
+    outcomes: Array
+
+    def actions(self, player: int) -> Array:
+        """a_t of `player` (0 or 1). [T, N] int32."""
+        return self.outcomes >> 1 if player == 0 else self.outcomes & 1
+
+    def rewards(self, player: int, dtype=jnp.float32) -> Array:
+        """r_t of `player` (0 or 1). [T, N]."""
+        return outcome_rewards(self.actions(player), self.actions(1 - player), dtype)
 
 
 def own_states(states: Array, player: int) -> Array:
@@ -91,58 +103,52 @@ def joint_log_prob_table(theta1: Array, theta2: Array) -> Array:
 
 
 def joint_index(episodes: Episodes) -> Array:
-    """4 s_t + 2 a¹_t + a²_t, the row of `joint_log_prob_table` for every step. [N, T] int32."""
-    return 4 * episodes.states + 2 * episodes.actions[..., 0] + episodes.actions[..., 1]
+    """4 s_t + 2 a¹_t + a²_t, the row of `joint_log_prob_table` for every step. [T, N] int32."""
+    return 4 * episodes.states + episodes.outcomes
 
 
 def joint_log_probs(theta1: Array, theta2: Array, episodes: Episodes) -> Array:
-    """log π_1(a¹_t|s¹_t) + log π_2(a²_t|s²_t) at (θ1, θ2) for every step. Returns [N, T]."""
+    """log π_1(a¹_t|s¹_t) + log π_2(a²_t|s²_t) at (θ1, θ2) for every step. Returns [T, N]."""
     return joint_log_prob_table(theta1, theta2)[joint_index(episodes)]
-
-
-def _select(index: Array, table: Array) -> Array:
-    """table[index] for a small constant-length table [K, ...] as a chain of selects.
-
-    Equal to the gather; on CPU under `vmap` over seeds (a batched gather) K − 1 elementwise
-    selects over a large index array were faster. index [...] -> [..., ...].
-    """
-    out = jnp.broadcast_to(table[0], index.shape + table.shape[1:])
-    expand = (...,) + (None,) * (table.ndim - 1)
-    for k in range(1, table.shape[0]):
-        out = jnp.where((index == k)[expand], table[k], out)
-    return out
 
 
 def sample(key: Array, theta1: Array, theta2: Array, num_episodes: int,
            horizon: int = HORIZON) -> Episodes:
-    """Sample `num_episodes` joint episodes of `horizon` steps at (θ1, θ2) [5] each.
+    """Sample `num_episodes` joint episodes of `horizon` steps at (θ1, θ2) [5] each (time-major).
 
-    A `lax.scan` over time; cooperation is an inverse-CDF draw u < σ(θ[s]). The parameters are
-    treated as constants (stop_gradient); recorded log-probs are those of the sampling policies.
-    The recorded log-probs are looked up by a select chain (`_select`), not a gather: same
-    values, faster on CPU (the per-step look-ups stay gathers, which measured faster there).
+    Player i defects at step t iff u_t^i ≥ σ(θ^i[s_t]), u from `sampling.hashed_uniform`
+    [T, N, 2]. Every step's joint outcome o = 2 a¹ + a² is first computed for all 5 possible
+    states at once and packed 2 bits per state into one int32; the `lax.scan` over time then only
+    unpacks the current state's outcome, o_t = (packed_t >> 2 s_t) & 3, s_{t+1} = o_t + 1, with no
+    gathers. The parameters are treated as constants (stop_gradient). Equal, draw for draw, to a
+    direct per-step sampler (tests/test_ipd.py).
     """
     theta1, theta2 = lax.stop_gradient(theta1), lax.stop_gradient(theta2)
     swap = jnp.asarray(SWAP, jnp.int32)
     # per state of player 1's side: both cooperation probabilities, [5, 2]
     coop = jnp.stack([jax.nn.sigmoid(theta1), jax.nn.sigmoid(theta2)[swap]], -1)
-    payoff = jnp.asarray(PAYOFF, theta1.dtype)
-    # rewards of both players per joint outcome 2 a¹ + a², [4, 2]
-    outcome_rewards = jnp.stack([payoff, payoff[jnp.asarray([0, 2, 1, 3])]], -1)
-    uniforms = jax.random.uniform(key, (horizon, num_episodes, 2), theta1.dtype)
+    uniforms = sampling.hashed_uniform(key, (horizon, num_episodes, 2)).astype(coop.dtype)
+    u1, u2 = uniforms[..., 0], uniforms[..., 1]
+    packed = jnp.zeros(uniforms.shape[:2], jnp.int32)
+    for s in range(NUM_STATES):  # five fused elementwise passes, no [T, N, 5] intermediate
+        outcome = 2 * (u1 >= coop[s, 0]).astype(jnp.int32) + (u2 >= coop[s, 1]).astype(jnp.int32)
+        packed = packed | (outcome << (2 * s))
 
-    def step(state, u):
-        actions = (u >= coop[state]).astype(jnp.int32)
-        outcome = 2 * actions[:, 0] + actions[:, 1]
-        return outcome + 1, (state, actions, outcome_rewards[outcome])
+    def step(state, packed_t):
+        outcome = (packed_t >> (2 * state)) & 3
+        return outcome + 1, outcome
 
     init = jnp.full((num_episodes,), START, jnp.int32)
-    _, (states, actions, rewards) = lax.scan(step, init, uniforms)
-    index = 4 * states + 2 * actions[..., 0] + actions[..., 1]
-    log_probs = _select(index, player_log_prob_tables(theta1, theta2))
-    states, actions, log_probs, rewards = (
-        jnp.swapaxes(x, 0, 1) for x in (states, actions, log_probs, rewards))
-    return Episodes(states, actions, log_probs, rewards)
+    _, outcomes = lax.scan(step, init, packed)  # [T, N]
+    return Episodes(jnp.pad(outcomes[:-1] + 1, ((1, 0), (0, 0)), constant_values=START), outcomes)
+
+
+def outcome_rewards(own: Array, other: Array, dtype=jnp.float32) -> Array:
+    """The row player's payoff for its action `own` against `other` (0/1 arrays): the bilinear
+    form P[CC] + (P[DC] − P[CC]) a + (P[CD] − P[CC]) b + (P[DD] − P[DC] − P[CD] + P[CC]) a b."""
+    cc, cd, dc, dd = PAYOFF
+    own, other = own.astype(dtype), other.astype(dtype)
+    return cc + (dc - cc) * own + (cd - cc) * other + (dd - dc - cd + cc) * own * other
 
 
 def _phi(x: Array, y: Array) -> Array:

@@ -42,16 +42,21 @@ def parse_source(text: str | None, option: str) -> int | None:
     return size
 
 
+SOURCES = ("comp", "hessian", "outer")
+
+
 def config_dict(cfg) -> dict[str, Any]:
-    """LolaConfig as JSON data: a batch size of None is written 'exact'."""
-    return {k: ("exact" if v is None else v) for k, v in dataclasses.asdict(cfg).items()}
+    """LolaConfig as JSON data: a batch size (comp, hessian, outer) of None is written 'exact'."""
+    return {k: ("exact" if k in SOURCES and v is None else v)
+            for k, v in dataclasses.asdict(cfg).items()}
 
 
 def lola_config(fields: Mapping[str, Any]):
     """The LolaConfig of a point's 'config' field (inverse of `config_dict`), validated."""
     from gmrl.algos import lola
 
-    return lola.LolaConfig(**{k: (None if v == "exact" else v) for k, v in fields.items()}).validate()
+    return lola.LolaConfig(**{k: (None if k in SOURCES and v == "exact" else v)
+                              for k, v in fields.items()}).validate()
 
 
 def check_run_size(seeds: int, updates: int, chunk: int, min_seeds: int = 1) -> None:
@@ -68,19 +73,31 @@ def run_config(cfg, seeds: int, updates: int, seed: int, variant: str = "custom"
             "seeds": int(seeds), "updates": int(updates), "seed": int(seed)}
 
 
-def study_points(names: Sequence[str], seeds: int, updates: int, seed: int) -> list[dict[str, Any]]:
+def study_points(names: Sequence[str], seeds: int, updates: int, seed: int,
+                 baseline: str = "return") -> list[dict[str, Any]]:
     """Points of the reference variants `names` (keys of `gmrl.algos.lola.REFERENCE_VARIANTS`)."""
     from gmrl.algos import lola
 
     unknown = [n for n in names if n not in lola.REFERENCE_VARIANTS]
     require(not unknown and bool(names), f"unknown variant(s) {', '.join(unknown) or '(none given)'}"
             f"; allowed: {', '.join(lola.REFERENCE_VARIANTS)}")
-    return [run_config(lola.LolaConfig(**lola.REFERENCE_VARIANTS[n]), seeds, updates, seed, n)
-            for n in names]
+    return [run_config(lola.LolaConfig(**lola.REFERENCE_VARIANTS[n], baseline=baseline), seeds,
+                       updates, seed, n) for n in names]
 
 
 # ----------------------------------------------------------------------------------------------
 # Computing a point
+
+FINAL_FRACTION = 0.1
+"""The final joint score averages the last 10% of updates of each seed."""
+MUTUAL_COOPERATION = -1.1
+"""A seed ends in mutual cooperation when its final joint score is ≥ −1.1: within a tenth of the
+way from mutual cooperation (−1) to mutual defection (−2)."""
+
+
+def final_window(updates: int) -> int:
+    """Number of last updates the final joint score averages (at least 1)."""
+    return max(1, math.ceil(FINAL_FRACTION * updates))
 
 
 def _mean_hw(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,52 +108,86 @@ def _mean_hw(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean_ci(samples, axis=0)
 
 
+def _nanmean(x: np.ndarray, axis=None) -> np.ndarray:
+    """Mean ignoring NaN, NaN (without a warning) where everything is NaN."""
+    x = np.asarray(x, np.float64)
+    count = np.sum(~np.isnan(x), axis=axis)
+    total = np.nansum(x, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def summarize(metrics, corr: np.ndarray) -> dict[str, Any]:
-    """Curves (mean and 95% half-width over seeds per update) and final/mean figures."""
-    joint = metrics.score.mean(-1)  # [S, U]
-    corr_seed_update = np.nanmean(corr, -1)  # both players, [S, U]
+    """Final and mean figures with 95% CIs over seeds, and raw per-update curves.
+
+    metrics: `gmrl.algos.lola.UpdateMetrics` with leaves [S, U, ...]; corr [S, U, 2].
+    """
+    joint = np.asarray(metrics.score, np.float64).mean(-1)  # [S, U]
+    num_seeds, num_updates = joint.shape
+    window = final_window(num_updates)
+    final = joint[:, -window:].mean(1)  # [S]
+    corr_seed_update = _nanmean(corr, -1)  # both players, [S, U]
+    per_seed_corr = _nanmean(corr_seed_update, 1)
+    final_mean, final_hw = _mean_hw(final)
+    corr_mean, corr_hw = _mean_hw(per_seed_corr)
+    ess = _nanmean(np.asarray(metrics.ess), -1)  # [S, U]
+    log_w = np.nanmax(np.asarray(metrics.max_log_weight), -1) if np.isfinite(
+        metrics.max_log_weight).any() else np.full(joint.shape, np.nan)
+    after_first = slice(window, None) if num_updates > window else slice(None)
+    final_coop = np.asarray(metrics.cooperation)[:, -1].mean(0)  # [2, 5]
     joint_mean, joint_hw = _mean_hw(joint)
-    corr_mean, corr_hw = _mean_hw(corr_seed_update)
-    final_mean, final_hw = _mean_hw(joint[:, -1])
-    avg_corr_mean, avg_corr_hw = _mean_hw(np.nanmean(corr_seed_update, 1))
-    players_corr = np.nanmean(corr, 1)  # [S, 2]
-    final_coop = metrics.cooperation[:, -1].mean(0)  # [2, 5]
+    curve_mean, curve_hw = _mean_hw(corr_seed_update)
     return {
-        "seeds": int(joint.shape[0]),
-        "updates": int(joint.shape[1]),
+        "seeds": int(num_seeds),
+        "updates": int(num_updates),
+        "final_window": int(window),
         "final_joint_score": float(final_mean), "final_joint_score_hw": float(final_hw),
-        "mean_corr": float(avg_corr_mean), "mean_corr_hw": float(avg_corr_hw),
-        "mean_corr_per_player": [float(x) for x in players_corr.mean(0)],
+        "mutual_cooperation": float(np.mean(final >= MUTUAL_COOPERATION)),
+        "mean_corr": float(corr_mean), "mean_corr_hw": float(corr_hw),
+        "mean_corr_per_player": [float(x) for x in _nanmean(_nanmean(corr, 1), 0)],
+        "replay_ess": float(_nanmean(ess[:, after_first])),
+        "replay_ess_first_update": float(_nanmean(ess[:, 0])),
+        "replay_max_log_weight": float(_nanmean(log_w[:, after_first])),
         "final_cooperation": {f"player_{p}": dict(zip(STATE_NAMES, map(float, final_coop[i]),
                                                       strict=True))
                               for i, p in enumerate(PLAYERS)},
         "curves": {"joint_score": joint_mean.tolist(), "joint_score_hw": joint_hw.tolist(),
-                   "corr": corr_mean.tolist(), "corr_hw": corr_hw.tolist()},
-        "per_seed_mean_corr": np.nanmean(corr_seed_update, 1).tolist(),
-        "per_seed_early_corr": np.nanmean(corr_seed_update[:, :EARLY_UPDATES], 1).tolist(),
+                   "corr": curve_mean.tolist(), "corr_hw": curve_hw.tolist(),
+                   "replay_ess": _nanmean(ess, 0).tolist()},
+        "per_seed_final_joint_score": final.tolist(),
+        "per_seed_mean_corr": per_seed_corr.tolist(),
+        "per_seed_early_corr": _nanmean(corr_seed_update[:, :EARLY_UPDATES], 1).tolist(),
     }
 
 
-def per_seed_rows(score: np.ndarray, cooperation: np.ndarray, corr: np.ndarray) -> list[dict]:
-    """One row per (seed, update): scores [S, U, 2], gradient correlations [S, U, 2] and
-    cooperation probabilities [S, U, 2, 5]."""
-    score = np.asarray(score, np.float32)  # float32 as trained (exact through JSON)
-    cooperation, corr = np.asarray(cooperation), np.asarray(corr)
+def per_seed_rows(per_seed: Mapping[str, Any]) -> list[dict]:
+    """One row per (seed, update) from the per-seed arrays of a result: scores [S, U, 2],
+    gradient correlations [S, U, 2], replay ESS and max log-weight [S, U, 2] (NaN on-policy)
+    and cooperation probabilities [S, U, 2, 5]."""
+    score = np.asarray(per_seed["score"], np.float32)  # float32 as trained (exact through JSON)
+    cooperation, corr = np.asarray(per_seed["cooperation"]), np.asarray(per_seed["corr"])
+    ess = np.asarray(per_seed.get("ess", np.full(score.shape, np.nan)), np.float64)
+    log_w = np.asarray(per_seed.get("max_log_weight", np.full(score.shape, np.nan)), np.float64)
     rows = []
     num_seeds, num_updates = score.shape[:2]
     for s in range(num_seeds):
         for u in range(num_updates):
             row: dict[str, Any] = {"seed": s, "update": u,
                                    "joint_score": float(score[s, u].mean())}
-            for i, p in enumerate(PLAYERS):
-                row[f"score_{p}"] = float(score[s, u, i])
-            for i, p in enumerate(PLAYERS):
-                row[f"corr_{p}"] = float(corr[s, u, i])
+            for name, values in (("score", score), ("corr", corr), ("ess", ess),
+                                 ("max_log_weight", log_w)):
+                for i, p in enumerate(PLAYERS):
+                    row[f"{name}_{p}"] = float(values[s, u, i])
             for i, p in enumerate(PLAYERS):
                 for k, name in enumerate(STATE_NAMES):
                     row[f"coop_{p}_{name}"] = float(cooperation[s, u, i, k])
             rows.append(row)
     return rows
+
+
+def _per_seed(metrics, corr: np.ndarray) -> dict[str, Any]:
+    return {"score": metrics.score, "cooperation": metrics.cooperation, "corr": corr,
+            "ess": metrics.ess, "max_log_weight": metrics.max_log_weight}
 
 
 def run_point(config: Mapping[str, Any], chunk: int = 50, progress: bool = False,
@@ -145,7 +196,7 @@ def run_point(config: Mapping[str, Any], chunk: int = 50, progress: bool = False
 
     progress: a bar over updates (local runs); per_seed_csv: rewritten after each block, so an
     interrupted run leaves its metrics so far. The result holds the summary (`summarize`), the
-    timings and "per_seed": {"score", "cooperation", "corr"} as nested lists [S, U, ...].
+    timings and "per_seed" (`per_seed_rows`' arrays as nested lists [S, U, ...]).
     """
     from tqdm.auto import tqdm
 
@@ -158,8 +209,8 @@ def run_point(config: Mapping[str, Any], chunk: int = 50, progress: bool = False
     def on_block(done, metrics):
         bar.update(done - bar.n)
         if per_seed_csv is not None:
-            io.atomic_write_csv(per_seed_csv, per_seed_rows(metrics.score, metrics.cooperation,
-                                                            lola.correlations(metrics)))
+            io.atomic_write_csv(per_seed_csv, per_seed_rows(
+                _per_seed(metrics, lola.correlations(metrics))))
 
     try:
         result = lola.train(cfg, config["seed"], config["seeds"], config["updates"], chunk,
@@ -171,69 +222,219 @@ def run_point(config: Mapping[str, Any], chunk: int = 50, progress: bool = False
     summary.update(config=config["config"], seed=config["seed"],
                    compile_seconds=round(result.compile_seconds, 2),
                    run_seconds=round(result.run_seconds, 2),
-                   per_seed={"score": result.metrics.score, "cooperation": result.metrics.cooperation,
-                             "corr": corr})
+                   per_seed=_per_seed(result.metrics, corr))
     return io.to_jsonable(summary)
 
 
 def run(points: Sequence[Mapping[str, Any]], out: Path | None, *, chunk: int = 50,
         backend: str = "local", address: str | None = None, progress: bool = True,
         per_seed_csv: Path | None = None, ray_init_kwargs=None) -> list[dict[str, Any]]:
-    """Results of `points` from OUT/results.sqlite, computing the missing ones (`gmrl.runs`)."""
+    """Results of `points` from OUT/results.sqlite, computing the missing ones (`gmrl.runs`).
+
+    Locally, the missing points' programs are compiled first, two at a time (one per core),
+    before any of them trains (`gmrl.algos.lola.compile_programs`).
+    """
     from gmrl.runs import run_points
 
+    if backend == "local":
+        _precompile(points, out, chunk)
     point_fn = functools.partial(run_point, chunk=chunk, progress=progress and backend == "local",
                                  per_seed_csv=None if per_seed_csv is None else str(per_seed_csv))
     return run_points(points, point_fn, out, backend=backend, address=address, progress=progress,
                       description="lola", ray_init_kwargs=ray_init_kwargs)
 
 
+def _precompile(points: Sequence[Mapping[str, Any]], out: Path | None, chunk: int) -> None:
+    """Compile the programs of the points not yet in OUT/results.sqlite, in parallel."""
+    from gmrl.algos import lola
+    from gmrl.runs import STORE_NAME
+    from gmrl.store import ResultStore, config_key
+
+    done: set[str] = set()
+    if out is not None and (out / STORE_NAME).exists():
+        with ResultStore(out / STORE_NAME) as store:
+            done = store.done_keys()
+    by_size: dict[tuple[int, int], list] = {}
+    for p in points:
+        if config_key(p) not in done:
+            by_size.setdefault((min(chunk, p["updates"]), p["seeds"]), []).append(
+                lola_config(p["config"]))
+    for (length, seeds), cfgs in by_size.items():
+        lola.compile_programs(cfgs, length, seeds)
+
+
 def describe(summary: Mapping[str, Any]) -> str:
     """One line: final joint score and mean correlation with CIs, timings."""
+    ess = summary.get("replay_ess", float("nan"))
+    replay = "" if not np.isfinite(ess) else f", replay ESS {ess:.0f} episodes"
     return (f"final joint score {summary['final_joint_score']:.3f} ± "
-            f"{summary['final_joint_score_hw']:.3f}, mean gradient correlation "
-            f"{summary['mean_corr']:.3f} ± {summary['mean_corr_hw']:.3f} "
-            f"(95% CI over {summary['seeds']} seeds); {summary['run_seconds']:.1f} s "
-            f"+ {summary['compile_seconds']:.1f} s compile")
+            f"{summary['final_joint_score_hw']:.3f} (last {summary['final_window']} updates), "
+            f"mean gradient correlation {summary['mean_corr']:.3f} ± "
+            f"{summary['mean_corr_hw']:.3f} (95% CI over {summary['seeds']} seeds){replay}; "
+            f"{summary['run_seconds']:.1f} s + {summary['compile_seconds']:.1f} s compile")
 
 
 # ----------------------------------------------------------------------------------------------
 # Outputs written from stored results
 
+BASELINE = "inner128-outer128"
+EXACT = "inner-exact-outer-exact"
+MITIGATIONS = (("off-policy correction (both parts from the persistent replay)", "off-policy"),
+               ("the Hessian part with 1024 episodes", "comp128-hess1024"),
+               ("the compositional part with 1024 episodes", "comp1024-hess128"),
+               ("both parts with 1024 episodes", "inner1024"))
+"""The paper's mitigations (Liu, Feng et al. 2022, §6): the variant that applies each one to the
+128/128 baseline."""
+ON_POLICY_TWIN = "inner1024"
+"""The on-policy variant with as many episodes per inner estimate as the replay holds."""
+
 
 def curve_rows(variant: str, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows (variant, update, joint score mean/hw, correlation mean/hw) of one summary."""
+    """Rows (variant, update, joint score mean/hw, correlation mean/hw, replay ESS) of a summary."""
     curves = summary["curves"]
+    ess = curves.get("replay_ess", [float("nan")] * len(curves["joint_score"]))
     return [{"variant": variant, "update": u, "joint_score": curves["joint_score"][u],
              "joint_score_hw": curves["joint_score_hw"][u], "corr": curves["corr"][u],
-             "corr_hw": curves["corr_hw"][u]} for u in range(len(curves["joint_score"]))]
+             "corr_hw": curves["corr_hw"][u], "replay_ess": ess[u]}
+            for u in range(len(curves["joint_score"]))]
 
 
 def write_run_files(out: Path, variant: str, result: Mapping[str, Any]) -> list[Path]:
     """OUT/per_seed.csv, curves.csv and summary.json (without the per-seed arrays) of one run."""
-    per_seed = result["per_seed"]
     summary = {k: v for k, v in result.items() if k != "per_seed"}
-    return [io.atomic_write_csv(out / "per_seed.csv", per_seed_rows(
-                per_seed["score"], per_seed["cooperation"], per_seed["corr"])),
+    return [io.atomic_write_csv(out / "per_seed.csv", per_seed_rows(result["per_seed"])),
             io.atomic_write_csv(out / "curves.csv", curve_rows(variant, summary)),
             io.atomic_write_json(out / "summary.json", summary)]
 
 
-def _difference(a: Mapping[str, Any], b: Mapping[str, Any],
-                field: str = "per_seed_mean_corr") -> tuple[float, float]:
-    """Difference of mean correlations (a − b) and a 95% half-width (Welch, normal approx.)."""
-    xa, xb = np.asarray(a[field], np.float64), np.asarray(b[field], np.float64)
-    se = math.sqrt(xa.var(ddof=1) / len(xa) + xb.var(ddof=1) / len(xb)) if min(
-        len(xa), len(xb)) > 1 else float("nan")
-    return float(xa.mean() - xb.mean()), Z95 * se
+def _welch(a: Mapping[str, Any], b: Mapping[str, Any], field: str) -> dict[str, float]:
+    from gmrl.stats import welch
+
+    return welch(a[field], b[field])
 
 
-def _verdict(diff: float, hw: float) -> str:
-    if diff - hw > 0:
-        return "raises"
-    if diff + hw < 0:
-        return "lowers"
-    return "does not significantly change"
+def final_return_tests(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each variant's final joint score against the 128/128 baseline: Welch difference, 95% CI,
+    p-value, Holm-adjusted over all variants compared, and the smallest difference detectable
+    with 80% power at the strictest Holm level. {variant: {...}}; empty without the baseline."""
+    from gmrl.stats import detectable_difference, holm_adjust
+
+    base = summaries.get(BASELINE)
+    if base is None:
+        return {}
+    names = [n for n in summaries if n != BASELINE]
+    tests = {n: _welch(summaries[n], base, "per_seed_final_joint_score") for n in names}
+    adjusted = holm_adjust([tests[n]["p"] for n in names]) if names else []
+    for name, p_holm in zip(names, adjusted, strict=True):
+        tests[name]["p_holm"] = float(p_holm)
+        tests[name]["detectable"] = detectable_difference(tests[name]["se"], len(names))
+    return tests
+
+
+def _verdict(test: Mapping[str, float], alpha: float = 0.05) -> str:
+    if test["p_holm"] > alpha:
+        return "no significant change"
+    return "raises the final return" if test["diff"] > 0 else "lowers the final return"
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: int,
+                 updates: int) -> Path:
+    """report.md: the final-return table and verdicts, then the gradient correlations."""
+    first = next(iter(summaries.values()), {})
+    horizon = first.get("config", {}).get("horizon", "T")
+    window = first.get("final_window", final_window(updates))
+    tests = final_return_tests(summaries)
+    lines = [
+        "# LOLA-DiCE on the iterated prisoner's dilemma",
+        "",
+        f"{seeds} seeds × {updates} updates per variant; means ± 95% CI (Student t) over seeds.",
+        *_config_line(summaries),
+        "",
+        "## Final return",
+        "",
+        f"Final joint score: per seed, the mean over its last {window} updates (10%) of both "
+        f"players' expected per-step reward over a {horizon}-step episode, computed exactly "
+        "from the policies (−1 mutual cooperation, −2 mutual defection). Δ: difference from "
+        f"{BASELINE} (Welch), p Holm-corrected over the {len(tests)} variants compared. "
+        f"Mutual cooperation: fraction of seeds whose final joint score is ≥ {MUTUAL_COOPERATION}"
+        " (within a tenth of the way from mutual cooperation to mutual defection). "
+        f"{EXACT} is exact LOLA.",
+        "",
+        "| variant | final joint score | Δ vs 128/128 | p (Holm) | mutual cooperation "
+        "| gradient correlation | replay ESS (of replay size) | seconds (+compile) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        t = tests.get(name)
+        delta = "—" if t is None else f"{t['diff']:+.3f} ± {t['hw']:.3f}"
+        p = "—" if t is None else f"{t['p_holm']:.3g}"
+        ess = s.get("replay_ess", float("nan"))
+        replay = ("—" if not np.isfinite(ess) else
+                  f"{ess:.0f} ({s['config'].get('replay_size', '?')})")
+        lines.append(
+            f"| {name} | {s['final_joint_score']:.3f} ± {_fmt(s['final_joint_score_hw'])} | "
+            f"{delta} | {p} | {s['mutual_cooperation']:.0%} | {s['mean_corr']:.3f} ± "
+            f"{_fmt(s['mean_corr_hw'])} | {replay} | {s['run_seconds']:.1f} "
+            f"(+{s['compile_seconds']:.1f}) |")
+    if tests:
+        lines += ["", "## Does each mitigation improve the final return?", ""]
+        for what, name in MITIGATIONS:
+            if name in tests:
+                t = tests[name]
+                lines.append(
+                    f"- {what} ({name}): **{_verdict(t)}** — "
+                    f"{summaries[name]['final_joint_score']:.3f} vs "
+                    f"{summaries[BASELINE]['final_joint_score']:.3f}, Δ {t['diff']:+.3f} ± "
+                    f"{t['hw']:.3f}, p = {t['p_holm']:.3g} (Holm); the smallest difference "
+                    f"this study detects with 80% power is ±{t['detectable']:.3f}.")
+        undecided = [n for _, n in MITIGATIONS if n in tests and tests[n]["p_holm"] > 0.05]
+        if undecided:
+            lines += ["", f"With {seeds} seeds a difference smaller than the detectable one above "
+                      "cannot be told from noise: raise `--seeds` (the detectable difference "
+                      "shrinks as 1/√seeds)."]
+    lines += _correlation_section(summaries)
+    return io.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _correlation_section(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Gradient correlations against the baseline and, for the off-policy variants, against
+    the on-policy variant with as many episodes (`ON_POLICY_TWIN`)."""
+    base = summaries.get(BASELINE)
+    lines = ["", "## Gradient correlation", "",
+             "Pearson correlation over the 5 coordinates between each player's estimated and exact "
+             "LOLA meta-gradient, averaged over players and updates along each variant's own "
+             f"trajectory; the early figure averages the first {EARLY_UPDATES} updates, where "
+             "every variant is near the same policies.", ""]
+    if base is not None:
+        for name, s in summaries.items():
+            if name == BASELINE:
+                continue
+            t = _welch(s, base, "per_seed_mean_corr")
+            e = _welch(s, base, "per_seed_early_corr")
+            lines.append(f"- {name}: {s['mean_corr']:.3f} vs {base['mean_corr']:.3f}, Δ "
+                         f"{t['diff']:+.3f} ± {t['hw']:.3f} (first {EARLY_UPDATES} updates: "
+                         f"{e['diff']:+.3f} ± {e['hw']:.3f}).")
+    twin = summaries.get(ON_POLICY_TWIN)
+    off = [n for n, s in summaries.items()
+           if s["config"].get("comp_off_policy") or s["config"].get("hessian_off_policy")]
+    if twin is not None and off:
+        lines += ["", f"Off-policy variants against {ON_POLICY_TWIN} (as many episodes per inner "
+                  "estimate, all fresh): the replay's effective sample size says how much of it "
+                  "the stale episodes are worth.", ""]
+        for name in off:
+            s = summaries[name]
+            t = _welch(s, twin, "per_seed_mean_corr")
+            lines.append(f"- {name}: correlation {s['mean_corr']:.3f} vs {twin['mean_corr']:.3f}, "
+                         f"Δ {t['diff']:+.3f} ± {t['hw']:.3f}; replay ESS "
+                         f"{_fmt(s.get('replay_ess'), 0)} of {s['config'].get('replay_size')} "
+                         f"episodes after the first {s['final_window']} updates "
+                         f"({_fmt(s.get('replay_ess_first_update'), 0)} at the first), largest "
+                         f"per-decision log-weight {_fmt(s.get('replay_max_log_weight'), 2)}.")
+    return lines
 
 
 def _config_line(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -245,118 +446,141 @@ def _config_line(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [f"Settings shared by the variants: {', '.join(f'{k}={v}' for k, v in shared.items())}."]
 
 
-def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: int,
-                 updates: int) -> Path:
-    """report.md: a table per variant and the comparisons against inner128-outer128."""
-    horizon = next(iter(summaries.values()), {}).get("config", {}).get("horizon", "T")
-    lines = [
-        "# LOLA-DiCE on the iterated prisoner's dilemma",
-        "",
-        f"{seeds} seeds × {updates} updates per variant; means ± 95% CI (Student t) over seeds.",
-        *_config_line(summaries),
-        f"Joint score: mean of both players' expected per-step reward over a {horizon}-step "
-        "episode at",
-        "the final policies (−1 mutual cooperation, −2 mutual defection). Correlation: Pearson",
-        "correlation over the 5 coordinates between each player's estimated and exact LOLA",
-        "meta-gradient, averaged over players and updates.",
-        "",
-        f"The early column averages the first {EARLY_UPDATES} updates only: every variant starts",
-        "from the same policies, so it compares the estimators on (nearly) the same parameters;",
-        "the all-updates mean is measured along each variant's own trajectory and so also",
-        "reflects where that variant's learning went.",
-        "",
-        "| variant | final joint score | mean gradient correlation | early correlation "
-        "| seconds (+compile) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, s in summaries.items():
-        early, early_hw = _mean_hw(np.asarray(s.get("per_seed_early_corr", [np.nan])))
-        lines.append(f"| {name} | {s['final_joint_score']:.3f} ± {s['final_joint_score_hw']:.3f}"
-                     f" | {s['mean_corr']:.3f} ± {s['mean_corr_hw']:.3f} | {early:.3f} ± "
-                     f"{early_hw:.3f} | {s['run_seconds']:.1f} (+{s['compile_seconds']:.1f}) |")
-    base = summaries.get("inner128-outer128")
-    comparisons = [("off-policy", "off-policy correction (both parts from the replay)"),
-                   ("off-comp-on-hess", "off-policy compositional part only"),
-                   ("on-comp-off-hess", "off-policy Hessian part only"),
-                   ("comp1024-hess128", "a larger compositional batch (1024)"),
-                   ("comp128-hess1024", "a larger Hessian batch (1024)"),
-                   ("inner1024", "a larger batch for both parts (1024)")]
-    if base is not None:
-        lines += ["", "## Against the 128/128 baseline", "",
-                  f"Baseline inner128-outer128: mean correlation {base['mean_corr']:.3f} ± "
-                  f"{base['mean_corr_hw']:.3f}.", ""]
-        for name, what in comparisons:
-            if name in summaries:
-                diff, hw = _difference(summaries[name], base)
-                line = (f"- {what} ({name}) {_verdict(diff, hw)} the gradient correlation: "
-                        f"{summaries[name]['mean_corr']:.3f} vs {base['mean_corr']:.3f}, "
-                        f"difference {diff:+.3f} ± {hw:.3f}")
-                if "per_seed_early_corr" in summaries[name] and "per_seed_early_corr" in base:
-                    diff, hw = _difference(summaries[name], base, "per_seed_early_corr")
-                    line += (f"; over the first {EARLY_UPDATES} updates it {_verdict(diff, hw)} "
-                             f"it ({diff:+.3f} ± {hw:.3f})")
-                lines.append(line + ".")
-    return io.atomic_write_text(path, "\n".join(lines) + "\n")
-
-
 def _smooth(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (shorter windows at the start). Same shape."""
-    sums = np.cumsum(np.concatenate([[0.0], x]))
-    counts = np.minimum(np.arange(1, len(x) + 1), window)
-    return (sums[1:] - sums[np.arange(1, len(x) + 1) - counts]) / counts
+    """Trailing moving average along the last axis (shorter windows at the start). Same shape."""
+    x = np.asarray(x, np.float64)
+    sums = np.cumsum(np.concatenate([np.zeros(x.shape[:-1] + (1,)), x], -1), -1)
+    n = x.shape[-1]
+    counts = np.minimum(np.arange(1, n + 1), window)
+    return (sums[..., 1:] - sums[..., np.arange(1, n + 1) - counts]) / counts
 
 
-def plot_curves(folder: Path, summaries: Mapping[str, Mapping[str, Any]]) -> list[Path]:
-    """joint_score.png and correlation.png: mean ± 95% CI over seeds, one line per variant.
+def _seed_curves(result: Mapping[str, Any], key: str) -> np.ndarray:
+    """Per-seed curves [S, U]: joint score or correlation (mean over players)."""
+    values = np.asarray(result["per_seed"]["score" if key == "joint_score" else key], np.float64)
+    return _nanmean(values, -1)
 
-    Curves are smoothed by a trailing moving average over updates/20 updates (title says so);
-    the CSV holds the raw per-update values. Drawn on a `matplotlib.figure.Figure` (the caller's
-    backend is untouched) and written atomically.
+
+def plot_study(folder: Path, results: Mapping[str, Mapping[str, Any]]) -> list[Path]:
+    """joint_score.png, correlation.png (small multiples: the 128/128 baseline against each
+    variant), final_joint_score.png (dot and 95% CI per variant) and, with off-policy variants,
+    replay_ess.png.
+
+    Each seed's curve is smoothed by a trailing moving average over updates/20 updates first,
+    then mean and 95% CI are taken over seeds of the smoothed curves (so the band is the CI of
+    the plotted mean). Drawn on `matplotlib.figure.Figure` objects, written atomically.
     """
-    import matplotlib
+    names = list(results)
+    others = [n for n in names if n != BASELINE] if BASELINE in results else names
+    written = [_plot_multiples(folder, results, others, "joint_score",
+                               "joint score (avg reward per step)", "joint_score.png"),
+               _plot_multiples(folder, results, others, "corr",
+                               "corr(estimated, exact LOLA gradient)", "correlation.png"),
+               _plot_final(folder, results)]
+    off = [n for n in names if np.isfinite(results[n].get("replay_ess", np.nan))]
+    if off:
+        written.append(_plot_ess(folder, results, off))
+    return written
+
+
+def _band(ax, curves: np.ndarray, colour, label: str) -> int:
+    window = max(1, curves.shape[-1] // 20)
+    smooth = _smooth(curves, window)
+    mean, hw = _mean_hw(smooth)
+    x = np.arange(len(mean))
+    ax.plot(x, mean, color=colour, lw=1.3, label=label)
+    ax.fill_between(x, mean - np.nan_to_num(hw), mean + np.nan_to_num(hw), color=colour,
+                    alpha=0.2, lw=0)
+    return window
+
+
+def _plot_multiples(folder: Path, results, others, key: str, ylabel: str, filename: str) -> Path:
     from matplotlib.figure import Figure
 
-    colours = matplotlib.colormaps["tab20"].colors
-    written = []
-    for key, ylabel, filename in (("joint_score", "joint score (avg reward per step)",
-                                   "joint_score.png"),
-                                  ("corr", "corr(estimated, exact LOLA gradient)",
-                                   "correlation.png")):
-        fig = Figure(figsize=(8, 5))
-        ax = fig.subplots()
-        window = 1
-        for i, (name, s) in enumerate(summaries.items()):
-            mean = np.asarray(s["curves"][key], np.float64)
-            hw = np.nan_to_num(np.asarray(s["curves"][f"{key}_hw"], np.float64))
-            window = max(1, len(mean) // 20)
-            mean, hw = _smooth(mean, window), _smooth(hw, window)
-            x = np.arange(len(mean))
-            colour = colours[(2 * i) % 20 if i < 10 else 2 * (i - 10) + 1]
-            ax.plot(x, mean, label=name, lw=1.2, color=colour)
-            ax.fill_between(x, mean - hw, mean + hw, alpha=0.12, color=colour)
-        ax.set_xlabel("update")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"mean ± 95% CI over seeds, moving average over {window} updates",
-                     fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        written.append(io.atomic_savefig(fig, folder / filename, dpi=120))
-    return written
+    cols = min(5, max(1, len(others)))
+    rows = math.ceil(len(others) / cols)
+    fig = Figure(figsize=(3.1 * cols, 2.5 * rows + 0.6))
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    window = 1
+    for ax, name in zip(axes, others, strict=False):
+        if BASELINE in results:
+            _band(ax, _seed_curves(results[BASELINE], key), "0.45", BASELINE)
+        window = _band(ax, _seed_curves(results[name], key), "tab:blue", name)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(others):]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in axes[-cols:]:
+        ax.set_xlabel("update", fontsize=8)
+    fig.suptitle(f"grey: {BASELINE}; blue: the variant. Mean ± 95% CI over seeds of per-seed "
+                 f"curves smoothed over {window} updates", fontsize=9)
+    fig.tight_layout()
+    return io.atomic_savefig(fig, folder / filename, dpi=110)
+
+
+def _plot_final(folder: Path, results) -> Path:
+    from matplotlib.figure import Figure
+
+    names = list(results)
+    fig = Figure(figsize=(7, 0.38 * len(names) + 1.4))
+    ax = fig.subplots()
+    y = np.arange(len(names))[::-1]
+    if BASELINE in results:
+        s = results[BASELINE]
+        lo = s["final_joint_score"] - np.nan_to_num(s["final_joint_score_hw"])
+        hi = s["final_joint_score"] + np.nan_to_num(s["final_joint_score_hw"])
+        ax.axvspan(lo, hi, color="0.85", label=f"{BASELINE} 95% CI")
+    for yi, name in zip(y, names, strict=True):
+        s = results[name]
+        ax.errorbar(s["final_joint_score"], yi, xerr=np.nan_to_num(s["final_joint_score_hw"]),
+                    fmt="o", color="tab:blue", capsize=3)
+        finals = np.asarray(s["per_seed_final_joint_score"])
+        ax.plot(finals, np.full(len(finals), yi) - 0.18, "|", color="tab:blue", alpha=0.5, ms=6)
+    ax.axvline(-1.0, color="tab:green", lw=0.8, ls="--", label="mutual cooperation (−1)")
+    ax.set_yticks(y, names, fontsize=8)
+    window = next(iter(results.values()))["final_window"]
+    ax.set_xlabel(f"final joint score (mean of the last {window} updates)")
+    ax.set_title("dots: mean ± 95% CI over seeds; ticks: seeds", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return io.atomic_savefig(fig, folder / "final_joint_score.png", dpi=120)
+
+
+def _plot_ess(folder: Path, results, names) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    for name, colour in zip(names, ("tab:blue", "tab:orange", "tab:red", "tab:purple"),
+                            strict=False):
+        ess = np.asarray(results[name]["curves"]["replay_ess"], np.float64)
+        ax.plot(np.arange(len(ess)), ess, color=colour, lw=1.2, label=name)
+    size = results[names[0]]["config"].get("replay_size")
+    if size:
+        ax.axhline(size, color="0.5", ls="--", lw=0.8, label=f"replay size {size}")
+    ax.set_yscale("log")
+    ax.set_xlabel("update")
+    ax.set_ylabel("effective sample size (episodes)")
+    ax.set_title("replay staleness: ESS of the per-decision weights, mean over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return io.atomic_savefig(fig, folder / "replay_ess.png", dpi=120)
 
 
 def write_study(out: Path, points: Sequence[Mapping[str, Any]],
                 results: Sequence[Mapping[str, Any]]) -> list[Path]:
-    """Per-variant CSVs (runs/NAME.csv), curves.csv, the two figures and report.md of a study."""
-    summaries = {p["variant"]: {k: v for k, v in r.items() if k != "per_seed"}
-                 for p, r in zip(points, results, strict=True)}
-    written = []
-    for point, result in zip(points, results, strict=True):
-        per_seed = result["per_seed"]
-        written.append(io.atomic_write_csv(out / "runs" / f"{point['variant']}.csv", per_seed_rows(
-            per_seed["score"], per_seed["cooperation"], per_seed["corr"])))
+    """Per-variant CSVs (runs/NAME.csv), curves.csv, the figures and report.md of a study."""
+    by_name = {p["variant"]: r for p, r in zip(points, results, strict=True)}
+    summaries = {n: {k: v for k, v in r.items() if k != "per_seed"} for n, r in by_name.items()}
+    written = [io.atomic_write_csv(out / "runs" / f"{name}.csv", per_seed_rows(r["per_seed"]))
+               for name, r in by_name.items()]
     rows = [row for name, s in summaries.items() for row in curve_rows(name, s)]
     written.append(io.atomic_write_csv(out / "curves.csv", rows))
-    written += plot_curves(out, summaries)
+    written += plot_study(out, by_name)
     first = points[0]
     written.append(write_report(out / "report.md", summaries, first["seeds"], first["updates"]))
     return written
