@@ -168,23 +168,28 @@ def test_a_figure_that_fails_half_way_leaves_no_partial_png(tmp_path, monkeypatc
         handle.write(b"\x89PNG half")
         raise OSError(28, "No space left on device")
 
-    summary = {"curves": {"joint_score": [-1.5, -1.2], "joint_score_hw": [0.0, 0.1],
-                          "corr": [0.2, 0.3], "corr_hw": [0.01, 0.01]}}
-    lola_runs.plot_curves(tmp_path, {"a": summary})
+    lola_runs.plot_study(tmp_path, {"a": MINIMAL_LOLA_RESULT})
     before = (tmp_path / "joint_score.png").read_bytes()
     monkeypatch.setattr(Figure, "savefig", full_disk)
     with pytest.raises(OSError, match="No space"):
-        lola_runs.plot_curves(tmp_path, {"a": summary})
+        lola_runs.plot_study(tmp_path, {"a": MINIMAL_LOLA_RESULT})
     assert (tmp_path / "joint_score.png").read_bytes() == before  # the old figure, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["correlation.png", "joint_score.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "correlation.png", "final_joint_score.png", "joint_score.png"]
+
+
+MINIMAL_LOLA_RESULT = {
+    "per_seed": {"score": [[[-1.5, -1.5], [-1.2, -1.2]]] * 2, "corr": [[[0.2, 0.2], [0.3, 0.3]]] * 2},
+    "final_joint_score": -1.2, "final_joint_score_hw": 0.1, "per_seed_final_joint_score": [-1.2, -1.2],
+    "final_window": 1, "config": {}}
+"""Just what `gmrl.runs.lola.plot_study` reads of a stored LOLA result."""
 
 
 def test_library_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
     code = ("import matplotlib\nmatplotlib.use('svg')\n"
             "from gmrl.runs import lola\n"
-            "s = {'curves': {'joint_score': [-1.5, -1.2], 'joint_score_hw': [0.0, 0.1],"
-            " 'corr': [0.2, 0.3], 'corr_hw': [0.01, 0.01]}}\n"
-            f"lola.plot_curves(__import__('pathlib').Path({str(tmp_path)!r}), {{'a': s}})\n"
+            f"s = {MINIMAL_LOLA_RESULT!r}\n"
+            f"lola.plot_study(__import__('pathlib').Path({str(tmp_path)!r}), {{'a': s}})\n"
             "print(matplotlib.get_backend())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env={k: v for k, v in os.environ.items()
