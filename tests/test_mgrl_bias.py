@@ -390,3 +390,19 @@ def test_command_writes_bias_json_and_md(tmp_path):
     assert {c["reference"] for c in data["comparisons"]} == {"large-batch mgrl",
                                                              "large-batch mgrl-lvc", "dice"}
     assert "| mgrl | dice |" in (tmp_path / "o" / "bias.md").read_text()
+
+
+def test_decayed_inner_learning_rate_is_refused_and_inner_lr_replaces_the_schedule():
+    """Under the reference preset's linear decay the inner rate reaches 0 at the end of a run (the
+    meta-gradient is then 0): the diagnosis says so in one line; --inner-lr gives a constant rate."""
+    config = _config(preset="reference", total_updates=10)
+    env, network, state = _tiny_state(config)
+    state = state._replace(opt_state=state.opt_state._replace(count=jnp.int32(12)))
+    assert mgrl_bias.inner_lr_at(config, state.opt_state) == 0.0
+    with pytest.raises(InputError, match="inner learning rate is 0 at this state"):
+        mgrl_bias.diagnose(config, state, jax.random.key(0), env_model=(env, None, network))
+    lever = mgrl_bias.estimator_config(config, "mgrl-lvc", inner_steps=4, learning_rate=0.01)
+    assert (lever.lvc, lever.inner_steps, lever.total_updates) == (True, 4, 0)
+    assert mgrl_bias.inner_lr_at(lever, state.opt_state) == 0.01
+    half = state.opt_state._replace(count=jnp.int32(5))
+    assert mgrl_bias.inner_lr_at(config, half) == pytest.approx(0.5 * config.learning_rate)

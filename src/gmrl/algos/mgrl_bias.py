@@ -69,10 +69,20 @@ def estimator_config(config: mgrl.MGRLConfig, estimator: str, inner_steps: int |
     if inner_steps is not None:
         require(inner_steps >= 1, f"--inner-steps must be >= 1, got {inner_steps}")
         changes["inner_steps"] = int(inner_steps)
-    if learning_rate is not None:
+    if learning_rate is not None:  # a constant inner learning rate: no decay schedule
         require(learning_rate > 0, f"--inner-lr must be > 0, got {learning_rate}")
         changes["learning_rate"] = float(learning_rate)
+        changes["total_updates"] = 0
     return dataclasses.replace(config, **changes)
+
+
+def inner_lr_at(config: mgrl.MGRLConfig, opt_state) -> float:
+    """The inner learning rate the next inner update of `opt_state` uses: the `reference`
+    preset's linear decay α₀ max(0, 1 − n/N) at its update count n (else config.learning_rate)."""
+    if isinstance(opt_state, meta_adam.AdamState) and config.total_updates > 0:
+        count = int(np.asarray(opt_state.count))
+        return float(config.learning_rate * max(0.0, 1.0 - count / config.total_updates))
+    return float(config.learning_rate)
 
 
 def tile_runner(runner: Runner, multiplier: int) -> Runner:
@@ -310,6 +320,10 @@ def diagnose(config: mgrl.MGRLConfig, state, key: Array, settings: BiasSettings 
             f"estimators must be among {', '.join(ESTIMATORS)}, got {', '.join(estimators)}")
     configs = {e: estimator_config(config, e, inner_steps, learning_rate) for e in estimators}
     base = estimator_config(config, "mgrl", inner_steps, learning_rate)
+    require(inner_lr_at(base, state.opt_state) > 0,
+            "the inner learning rate is 0 at this state (the preset's linear decay has reached the "
+            "end of the run), so the meta-gradient is 0; give --inner-lr A (a constant rate) or "
+            "--initial")
     single_key, ref_key, dice_key, check_key = jax.random.split(key, 4)
     keys = jax.random.split(single_key, settings.repeats)
     ref_keys = jax.random.split(ref_key, settings.ref_parts)
@@ -358,7 +372,10 @@ def diagnose(config: mgrl.MGRLConfig, state, key: Array, settings: BiasSettings 
     eta = mgrl.coefs_from_logits(state.meta_logits)
     return {
         "settings": {"env": first.env_name, "inner_steps": first.inner_steps,
-                     "inner_lr": first.learning_rate, "num_envs": int(state.runner.obs.shape[0]),
+                     "inner_lr": inner_lr_at(first, state.opt_state),
+                     "inner_lr_schedule": {"initial": first.learning_rate,
+                                           "total_updates": first.total_updates},
+                     "num_envs": int(state.runner.obs.shape[0]),
                      "num_steps": first.num_steps, **settings._asdict(),
                      "estimators": list(estimators), "meta_params": list(mgrl.META_PARAMS),
                      "learned": list(config.meta_params),
@@ -378,7 +395,7 @@ def report_markdown(result: dict[str, Any], title: str = "MGRL meta-gradient bia
     s = result["settings"]
     names = s["meta_params"]
     lines = [f"# {title}", "",
-             f"{s['env']}, K = {s['inner_steps']}, inner lr {s['inner_lr']:g}, "
+             f"{s['env']}, K = {s['inner_steps']}, inner lr {s['inner_lr']:.3g} at this state, "
              f"{s['num_envs']} envs × {s['num_steps']} steps; η = "
              + ", ".join(f"{n} {v:.4g}" for n, v in zip(names, s["eta"], strict=True)) + ".",
              f"{s['repeats']} single draws per estimator (same keys); references: "
