@@ -331,6 +331,12 @@ def final_return_tests(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     return tests
 
 
+def seeds_to_detect(seeds: int, test: Mapping[str, float]) -> float:
+    """Seeds per variant at which `test`'s observed difference equals the detectable one
+    (the standard error shrinks as 1/√seeds): seeds · (detectable / |Δ|)²."""
+    return seeds * (test["detectable"] / abs(test["diff"])) ** 2
+
+
 def _verdict(test: Mapping[str, float], alpha: float = 0.05) -> str:
     if test["p_holm"] > alpha:
         return "no significant change"
@@ -362,7 +368,8 @@ def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: 
         f"{BASELINE} (Welch), p Holm-corrected over the {len(tests)} variants compared. "
         f"Mutual cooperation: fraction of seeds whose final joint score is ≥ {MUTUAL_COOPERATION}"
         " (within a tenth of the way from mutual cooperation to mutual defection). "
-        f"{EXACT} is exact LOLA.",
+        f"{EXACT} is exact LOLA. Seconds: the run's, and its program's compilation (a study "
+        "compiles two programs at a time).",
         "",
         "| variant | final joint score | Δ vs 128/128 | p (Holm) | mutual cooperation "
         "| gradient correlation | replay ESS (of replay size) | seconds (+compile) |",
@@ -393,9 +400,13 @@ def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: 
                     f"this study detects with 80% power is ±{t['detectable']:.3f}.")
         undecided = [n for _, n in MITIGATIONS if n in tests and tests[n]["p_holm"] > 0.05]
         if undecided:
+            needs = ", ".join(
+                f"{n} ≈ {seeds_to_detect(seeds, tests[n]):.0f}" for n in undecided
+                if tests[n]["diff"] != 0)
             lines += ["", f"With {seeds} seeds a difference smaller than the detectable one above "
-                      "cannot be told from noise: raise `--seeds` (the detectable difference "
-                      "shrinks as 1/√seeds)."]
+                      "cannot be told from noise: `--seeds` is the lever (the detectable "
+                      "difference shrinks as 1/√seeds). Seeds at which the observed difference "
+                      f"would be detected with 80% power: {needs}."]
     lines += _correlation_section(summaries)
     return io.atomic_write_text(path, "\n".join(lines) + "\n")
 
