@@ -90,7 +90,9 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
 
 
 @click.command("lola")
-@click.option("--seeds", type=int, default=10, show_default=True)
+@click.option("--seeds", type=int, default=40, show_default=True,
+              help="Seeds per variant: 40 detect a final-return difference of about 0.3 with "
+                   "80% power (report.md gives the figure); --seeds 10 is the quick study.")
 @click.option("--updates", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--variants", default="all", show_default=True,
