@@ -75,7 +75,7 @@ def test_help_is_fast_and_imports_no_rl_or_ray_package(argv):
 def test_study_names_do_not_need_imports_to_resolve():
     from gmrl import cli
 
-    assert set(cli.LAZY_COMMANDS) <= {"tabular", "lola", "mgrl", "plot", "check"}
+    assert set(cli.LAZY_COMMANDS) <= {"tabular", "lola", "mgrl", "mgrl-bias", "plot", "check"}
     listed = [n for n, (m, _) in cli.LAZY_COMMANDS.items() if m in cli.COMMAND_MODULES]
     assert {"tabular", "lola", "mgrl", "plot"} <= set(listed)
 

@@ -19,13 +19,15 @@ import click
 from gmrl.errors import InputError
 
 # Modules under gmrl.commands; each defines `register(cli: click.Group, study: click.Group)`.
-COMMAND_MODULES: list[str] = ["tabular", "lola", "study", "mgrl", "check"]
+COMMAND_MODULES: list[str] = ["tabular", "lola", "study", "mgrl", "mgrl_bias", "check"]
 
 # Top-level command name -> (module that registers it, one-line help shown by `gmrl --help`).
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "tabular": ("tabular", "Exact vs decomposed meta-gradient estimates on tabular MDPs."),
     "lola": ("lola", "LOLA-DiCE on the iterated prisoner's dilemma, with the exact LOLA gradient."),
     "mgrl": ("mgrl", "Train A2C, MGRL or MGRL-LVC on a gymnax environment."),
+    "mgrl-bias": ("mgrl_bias", "How biased is a saved MGRL run's meta-gradient? (large-batch and "
+                               "DiCE references)"),
     "plot": ("study", "Redraw figures, results.csv and report.md from DIR/results.sqlite."),
     "check": ("check", "Check FILE.py:FUNCTION, a meta-gradient fn(task, rng) -> [S, A], against "
                        "the exact one."),
