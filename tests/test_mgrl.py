@@ -458,8 +458,10 @@ def test_short_cartpole_a2c_beats_a_random_policy(random_policy_returns):
 
 def test_short_cartpole_mgrl_lvc_beats_a_random_policy_and_learns_only_chosen_meta_params(
         random_policy_returns):
-    """The MGRL path with K = 2 (where LVC's curvature differs), γ and λ meta-learned."""
-    trained, metrics = _final_returns("mgrl-lvc", 60_000, 6, learning_rate=1e-2, inner_steps=2,
+    """The MGRL path with K = 2 (where LVC's curvature differs), γ and λ meta-learned, default
+    (reference) preset. Adam's step does not scale with the gradient, so it gets a smaller
+    learning rate than the a2c test's 1e-2 (at 1e-2 one of the 6 seeds collapses to return 9)."""
+    trained, metrics = _final_returns("mgrl-lvc", 60_000, 6, learning_rate=3e-3, inner_steps=2,
                                       meta_params=("gamma", "lam"))
     _assert_beats_random(trained, random_policy_returns)
     assert set(metrics) == set(a2c.METRIC_NAMES)
