@@ -84,12 +84,12 @@ def mgrl_command(env, algo, preset, frames, seeds, seed, out, inner_steps, meta_
                          meta_params=parse_names(meta_params, META_PARAMS, "meta-parameters"),
                          meta_lr=meta_lr, outer_kl_coef=outer_kl)
     point = mgrl_runs.run_config(algo, env, frames, seeds, seed, log_points, overrides)
-    mgrl_runs.algorithm_of(point)  # unknown environment or bad settings: fail before writing
-    if resume:
+    if resume:  # before building anything: only files are read
         stored = (out / runs.STORE_NAME).is_file() and _stored(out, config_key(point))
         require(mgrl_runs.has_run(out, point) or stored,
                 f"--resume: {out} holds no run with these settings to continue; run without "
                 "--resume to start one")
+    mgrl_runs.algorithm_of(point)  # unknown environment or bad settings: fail before writing
     runs.claim_folder(out, point, "MGRL run")
     (result,) = mgrl_runs.run([point], out, run_dir=out, progress=progress,
                               tensorboard=tensorboard)
