@@ -110,7 +110,7 @@ def make_env(env_name: str):
     """The gymnax environment and its default parameters; only discrete-action envs.
 
     Names starting with "ALE/" come from `gmrl.envs.ale.make_env` (Atari through ale-py, imported
-    only then; observations [84, 84, 4] float32)."""
+    only then; observations [84, 84, 4], pixel values 0..255)."""
     if env_name.startswith("ALE/"):
         try:
             from gmrl.envs import ale
