@@ -165,14 +165,18 @@ def rollout(env, env_params, network: Network, params, runner: Runner, key: Arra
         act_key, env_key = jax.random.split(step_key)
         actions = sample_actions(act_key, network.policy(params, runner.obs))
         env_keys = jax.random.split(env_key, runner.obs.shape[0])
-        obs, env_state, reward, terminated, truncated, _ = jax.vmap(
+        obs, env_state, reward, terminated, truncated, info = jax.vmap(
             env.step, in_axes=(0, 0, 0, None))(env_keys, runner.env_state, actions, env_params)
         reward = reward.astype(jnp.float32)
         done = jnp.logical_or(terminated, truncated)
         episode_return = runner.episode_return + reward
-        completed = jnp.sum(jnp.where(done, episode_return, 0.0), dtype=jnp.float32)
+        if "game_over" in info:  # Atari (gmrl.envs.ale): the whole game's unclipped score
+            ended, ended_return = info["game_over"], info["episode_score"].astype(jnp.float32)
+        else:
+            ended, ended_return = done, episode_return
+        completed = jnp.sum(jnp.where(ended, ended_return, 0.0), dtype=jnp.float32)
         stats = EpisodeStats(stats.return_sum + completed,
-                             stats.return_count + jnp.sum(done, dtype=jnp.int32))
+                             stats.return_count + jnp.sum(ended, dtype=jnp.int32))
         next_runner = Runner(env_state, obs, jnp.where(done, 0.0, episode_return))
         return (next_runner, stats), (runner.obs, actions, reward, done.astype(jnp.float32))
 
