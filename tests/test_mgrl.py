@@ -583,6 +583,15 @@ def test_study_report_and_figures_from_run_logs(tmp_path):
     assert report.count("| Breakout-MinAtar |") == 3 and "(not run)" in report
     assert "±" in report and "0.9897" in report and "Asterix-MinAtar.png" not in report
     assert "8 envs × 5 steps" in report and "K = 3 inner steps" in report  # as configured
+    # the claim's verdict: same data for all three algorithms -> no significant change, with
+    # the detectable difference; a real shift of mgrl-lvc is found
+    assert "mgrl-lvc no significant change in the final return" in report
+    assert "could not have detected a difference under ±" in report
+    shifted = dict(results)
+    lvc = results[("Breakout-MinAtar", "mgrl-lvc")]["summary"]
+    shifted[("Breakout-MinAtar", "mgrl-lvc")] = {"summary": dict(lvc, final_return_per_seed=[
+        r + 50.0 + 0.1 * i for i, r in enumerate(lvc["final_return_per_seed"])])}
+    assert "mgrl-lvc raises the final return" in runs.report(shifted, ["Breakout-MinAtar"])
 
 
 @pytest.mark.parametrize("algo, inner_steps", [("mgrl", 1),
