@@ -388,6 +388,9 @@ def test_ale_names_reach_the_atari_adapter(monkeypatch):
     fake = types.ModuleType("gmrl.envs.ale")
     fake.make_env = lambda name: seen.append(name) or ("env", "params")
     monkeypatch.setitem(sys.modules, "gmrl.envs.ale", fake)
+    import gmrl.envs  # the real adapter may already be an attribute of the package (tests/test_ale.py)
+
+    monkeypatch.setattr(gmrl.envs, "ale", fake, raising=False)
     assert a2c.make_env("ALE/Breakout-v5") == ("env", "params") and seen == ["ALE/Breakout-v5"]
 
 
