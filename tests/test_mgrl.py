@@ -87,12 +87,15 @@ def test_meta_gradient_matches_float64_finite_differences(preset):
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7 * scale)
 
 
+@pytest.mark.slow
 def test_holding_a_path_in_an_inner_update_removes_that_path_only(x64):
     """One inner update (Adam, reference network), the derivative of its step θ' − θ along a
     random direction of (x, θ): with one path held (stop-gradient) it equals the derivative of
     the fully differentiated update in which only that quantity is a constant (its value), to
     float64 round-off, and it differs from the full derivative by far more than round-off (the
-    path matters). One compile."""
+    path matters). One compile. Slow: in the fast suite the reference preset's
+    finite-difference test covers the held paths (with a hold removed, the meta-gradient no
+    longer matches its frozen objective)."""
     import dataclasses
 
     config, _, _, network, state = _tiny_problem(False, 2, preset="reference")
@@ -492,8 +495,10 @@ def test_frame_accounting():
                                inner_steps=2) is algorithm
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_complete_logs_and_resumes_to_the_same_numbers(tmp_path,
                                                                               monkeypatch):
+    # slow: the SIGINT test through the real command covers resuming to the same rows
     from gmrl.io import read_csv
     from gmrl.runs import mgrl as runs
 
