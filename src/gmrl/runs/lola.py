@@ -131,8 +131,7 @@ def summarize(metrics, corr: np.ndarray) -> dict[str, Any]:
     final_mean, final_hw = _mean_hw(final)
     corr_mean, corr_hw = _mean_hw(per_seed_corr)
     ess = _nanmean(np.asarray(metrics.ess), -1)  # [S, U]
-    log_w = np.nanmax(np.asarray(metrics.max_log_weight), -1) if np.isfinite(
-        metrics.max_log_weight).any() else np.full(joint.shape, np.nan)
+    log_w = np.max(np.asarray(metrics.max_log_weight, np.float64), -1)  # NaN on-policy  [S, U]
     after_first = slice(window, None) if num_updates > window else slice(None)
     final_coop = np.asarray(metrics.cooperation)[:, -1].mean(0)  # [2, 5]
     joint_mean, joint_hw = _mean_hw(joint)
