@@ -13,9 +13,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats as _scipy_stats
 
 from gmrl.errors import require
+
+
+def _scipy():
+    """scipy.stats, imported on first use (it costs half a second: `gmrl --help` never needs it)."""
+    from scipy import stats
+
+    return stats
 
 Z95 = 1.959963984540054
 
@@ -130,7 +136,7 @@ def mean_ci(samples, axis: int = 0, level: float = 0.95) -> tuple[np.ndarray, np
     n = samples.shape[axis]
     require(n >= 2, f"a confidence interval needs at least 2 samples along axis {axis}, got {n}")
     sem = samples.std(axis=axis, ddof=1) / np.sqrt(n)
-    return samples.mean(axis=axis), _scipy_stats.t.ppf(0.5 + level / 2, n - 1) * sem
+    return samples.mean(axis=axis), _scipy().t.ppf(0.5 + level / 2, n - 1) * sem
 
 
 def fit_power_law(x, y, y_se) -> tuple[float, float]:
@@ -168,8 +174,8 @@ def welch(a, b, level: float = 0.95) -> dict[str, float]:
                 "p": 1.0 if diff == 0.0 else 0.0}
     df = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
     t = diff / se
-    return {"diff": diff, "hw": float(_scipy_stats.t.ppf(0.5 + level / 2, df) * se), "se": se,
-            "df": df, "p": float(2 * _scipy_stats.t.sf(abs(t), df))}
+    return {"diff": diff, "hw": float(_scipy().t.ppf(0.5 + level / 2, df) * se), "se": se,
+            "df": df, "p": float(2 * _scipy().t.sf(abs(t), df))}
 
 
 def holm_adjust(p_values) -> np.ndarray:
@@ -188,5 +194,5 @@ def detectable_difference(se: float, tests: int = 1, alpha: float = 0.05,
     """Smallest true difference a two-sided z-test at level α/`tests` (Bonferroni, the strictest
     step of Holm's rule) detects with probability `power`, given the standard error of the
     difference: (z_{1−α/(2m)} + z_{power}) · se."""
-    return float((_scipy_stats.norm.ppf(1 - alpha / (2 * tests)) + _scipy_stats.norm.ppf(power))
+    return float((_scipy().norm.ppf(1 - alpha / (2 * tests)) + _scipy().norm.ppf(power))
                  * se)
