@@ -569,6 +569,7 @@ def test_cli_constants_match_the_library():
     assert command.META_PARAMS == mgrl.META_PARAMS
     assert command.PRESETS == presets.PRESETS
     assert command.ENVS == a2c.SUPPORTED_ENVS and runs.STUDY_GAMES == a2c.MINATAR_GAMES
+    assert command.DEFAULT_STUDY_GAMES == runs.DEFAULT_STUDY_GAMES == tuple(runs.STUDY_FRAMES)
 
 
 def test_study_report_and_figures_from_run_logs(tmp_path):
@@ -652,3 +653,72 @@ def test_sigint_through_the_command_then_resume_ends_with_the_same_numbers(tmp_p
                            for r in rows])
 
     assert len(resumed) == 200 and numbers(resumed) == numbers(whole)
+
+
+def test_rollout_logs_the_acting_policy_entropy():
+    """Uniform over CartPole's 2 actions: log 2 per step; a policy that always pushes left: 0."""
+    env, env_params, _ = a2c.make_env_and_network("CartPole-v1")
+    for logits, expected in (((0.0, 0.0), np.log(2.0)), ((0.0, -1e4), 0.0)):
+        network = Network(None, lambda params, obs, lg=logits: jnp.broadcast_to(
+            jnp.asarray(lg), obs.shape[:-1] + (2,)), None)
+        runner = a2c.reset_runner(env, env_params, jax.random.key(0), 8)
+        _, _, stats = a2c.rollout(env, env_params, network, None, runner, jax.random.key(1), 5)
+        np.testing.assert_allclose(stats.entropy_sum / 5, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_study_keeps_snapshots_diagnoses_the_mgrl_runs_and_resumes(tmp_path, monkeypatch):
+    """`run_study` on a tiny CartPole study: each run keeps the checkpoints at 25/50/75% of its
+    log points, the bias diagnostic runs at every snapshot of the mgrl and mgrl-lvc runs (never
+    a2c's) on the state kept there, its results are kept and not recomputed on a second call,
+    and the report has the bias table and a verdict line per game. (The diagnostic itself is
+    replaced by a stand-in that checks its input; tests/test_mgrl_bias.py tests the real one.)"""
+    from gmrl.algos import mgrl_bias
+    from gmrl.runs import checkpoint
+    from gmrl.runs import mgrl as runs
+
+    calls = []
+    rng = np.random.default_rng(0)
+
+    def fake_diagnose(config, state, key, settings=None):
+        calls.append((config.lvc, int(np.asarray(state.opt_state.count))))
+        draws = {e: rng.normal(1.0, 0.1, (8, 4)) for e in ("mgrl", "mgrl-lvc")}
+        dice = rng.normal(1.0, 0.01, (4, 4))
+        comparisons = [{"estimator": e, "reference": "dice", **mgrl_bias.compare(d, dice,
+                                                                                 bootstrap=50)}
+                       for e, d in [*draws.items(), *((f"large-batch {e}", d[:4] * 3)
+                                                     for e, d in draws.items())]]
+        return {"settings": {"env": config.env_name, "inner_steps": 1, "inner_lr": 7e-4,
+                             "num_envs": 4, "num_steps": 5, "meta_params": list(mgrl.META_PARAMS),
+                             "eta": [0.99, 0.95, 0.01, 0.5], "repeats": 8, "ref_parts": 4,
+                             "ref_multiplier": 3, "dice_multiplier": 1},
+                "comparisons": comparisons}
+
+    monkeypatch.setattr(mgrl_bias, "diagnose", fake_diagnose)
+    overrides = {"num_envs": 4, "inner_steps": 1, "preset": "reference"}  # K = 1: compiles fast
+    args = (tmp_path, ["CartPole-v1"], 4 * 5 * 32, 2, 4, overrides)
+    report = runs.run_study(*args, progress=False).read_text()
+
+    points = runs.study_points(["CartPole-v1"], 4 * 5 * 32, 2, 4, overrides=overrides)
+    expected_calls = []
+    for point in points:
+        run_dir = tmp_path / runs.study_run_dir(point)
+        rows = runs.train(point, run_dir, progress=False)["rows"]  # finished: read back
+        logged = sorted({r["frames"] for r in rows})
+        assert len(logged) == 4 and runs.snapshot_frames(run_dir) == logged[:3]
+        assert all(np.isfinite(r["entropy"]) and 0 < r["entropy"] <= np.log(2) for r in rows)
+        assert (run_dir / "bias").is_dir() == (point["algo"] != "a2c")
+        if point["algo"] == "a2c":
+            continue
+        algorithm, _ = runs.algorithm_of(point)
+        for frames in logged[:3]:  # each snapshot holds its log point's state
+            states, steps = checkpoint.restore(run_dir / runs.SNAPSHOTS / f"{frames}.msgpack",
+                                               mgrl_bias._state_template(algorithm, 2))
+            assert algorithm.init_frames + steps * algorithm.frames_per_step == frames
+            assert np.all(np.asarray(states.opt_state.count) == steps)
+            expected_calls.append((point["algo"] == "mgrl-lvc", steps))
+    assert sorted(calls) == sorted(expected_calls) and len(calls) == 6
+    assert "## Meta-gradient bias at the runs' snapshots" in report
+    section = report.split("## Meta-gradient bias")[1]
+    assert section.count("| CartPole-v1 | mgrl") == 6 and "of 6 states" in section
+    again = runs.run_study(*args, progress=False).read_text()
+    assert len(calls) == 6 and again == report

@@ -87,6 +87,7 @@ class Runner(NamedTuple):
 class EpisodeStats(NamedTuple):
     return_sum: Array    # [] sum of the returns of the episodes completed
     return_count: Array  # [] how many episodes completed
+    entropy_sum: Array | float = 0.0  # [] Σ_t mean_n H[π(·|s_t)] of the acting policy
 
 
 class Algorithm(NamedTuple):
@@ -103,7 +104,8 @@ class Algorithm(NamedTuple):
 
 
 METRIC_NAMES = ("return_sum", "return_count", "gamma", "lam", "entropy_coef", "value_coef",
-                "loss", "meta_grad_norm")
+                "loss", "meta_grad_norm", "entropy")
+"""`entropy` is the policy entropy of the acting policy, mean over a step's rollout(s)."""
 
 
 def make_env(env_name: str):
@@ -163,7 +165,8 @@ def rollout(env, env_params, network: Network, params, runner: Runner, key: Arra
     def one_step(carry: tuple[Runner, EpisodeStats], step_key: Array):
         runner, stats = carry
         act_key, env_key = jax.random.split(step_key)
-        actions = sample_actions(act_key, network.policy(params, runner.obs))
+        logits = network.policy(params, runner.obs)
+        actions = sample_actions(act_key, logits)
         env_keys = jax.random.split(env_key, runner.obs.shape[0])
         obs, env_state, reward, terminated, truncated, info = jax.vmap(
             env.step, in_axes=(0, 0, 0, None))(env_keys, runner.env_state, actions, env_params)
@@ -175,12 +178,15 @@ def rollout(env, env_params, network: Network, params, runner: Runner, key: Arra
         else:
             ended, ended_return = done, episode_return
         completed = jnp.sum(jnp.where(ended, ended_return, 0.0), dtype=jnp.float32)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
         stats = EpisodeStats(stats.return_sum + completed,
-                             stats.return_count + jnp.sum(ended, dtype=jnp.int32))
+                             stats.return_count + jnp.sum(ended, dtype=jnp.int32),
+                             stats.entropy_sum + entropy)
         next_runner = Runner(env_state, obs, jnp.where(done, 0.0, episode_return))
         return (next_runner, stats), (runner.obs, actions, reward, done.astype(jnp.float32))
 
-    zero = EpisodeStats(jnp.float32(0.0), jnp.int32(0))
+    zero = EpisodeStats(jnp.float32(0.0), jnp.int32(0), jnp.float32(0.0))
     (runner, stats), (obs, actions, rewards, dones) = lax.scan(
         one_step, (runner, zero), jax.random.split(key, num_steps))
     return runner, Batch(obs, actions, rewards, dones, runner.obs), stats
@@ -309,7 +315,8 @@ def make_a2c(config: A2CConfig) -> Algorithm:
                                                batch, coefs)
         metrics = {"return_sum": stats.return_sum, "return_count": stats.return_count,
                    "gamma": coefs.gamma, "lam": coefs.lam, "entropy_coef": coefs.entropy,
-                   "value_coef": coefs.value, "loss": loss, "meta_grad_norm": jnp.float32(0.0)}
+                   "value_coef": coefs.value, "loss": loss, "meta_grad_norm": jnp.float32(0.0),
+                   "entropy": stats.entropy_sum / config.num_steps}
         return A2CState(params, opt_state, runner, key), metrics
 
     return Algorithm(init, step, config.num_envs * config.num_steps, 0)

@@ -114,6 +114,8 @@ class InnerResult(NamedTuple):
     """Per inner step, the values of the holdable quantities as used (no derivative): dicts with
     "baseline" [T+1, N], "critic_gamma" [] and "clip_norm" [] (unused outputs cost nothing
     under jit)."""
+    entropy: Array | float = 0.0
+    """Mean policy entropy of the acting policies over the K rollouts' steps."""
 
 
 def _validate(config: MGRLConfig) -> None:
@@ -174,7 +176,7 @@ def make_meta_gradient(config: MGRLConfig, env, env_params, network):
                   key: Array):
         params_before = params
         pullbacks, held = [], []
-        return_sum, return_count = jnp.float32(0.0), jnp.int32(0)
+        return_sum, return_count, entropy_sum = jnp.float32(0.0), jnp.int32(0), jnp.float32(0.0)
         for k, step_key in enumerate(jax.random.split(key, config.inner_steps)):
             if k == 0:
                 (params, opt_state), pullback, used = jax.vjp(
@@ -190,6 +192,7 @@ def make_meta_gradient(config: MGRLConfig, env, env_params, network):
                                                step_key, config.num_steps)
             return_sum += stats.return_sum
             return_count += stats.return_count
+            entropy_sum += stats.entropy_sum
         loss, params_bar = jax.value_and_grad(
             lambda p: _outer_objective(network, p, params_before, batch, config))(params)
         opt_state_bar = jax.tree.map(_zero_cotangent, opt_state)
@@ -200,8 +203,9 @@ def make_meta_gradient(config: MGRLConfig, env, env_params, network):
             else:
                 x_bar, params_bar, opt_state_bar = pullbacks[k]((params_bar, opt_state_bar))
             meta_bar = meta_bar + x_bar
+        entropy = entropy_sum / (config.inner_steps * config.num_steps)
         return loss, meta_bar, InnerResult(params, opt_state, runner, batch, return_sum,
-                                           return_count, tuple(held))
+                                           return_count, tuple(held), entropy)
 
     return meta_grad
 
@@ -301,7 +305,7 @@ def make_mgrl(config: MGRLConfig) -> Algorithm:
         metrics = {"return_sum": result.return_sum, "return_count": result.return_count,
                    "gamma": eta.gamma, "lam": eta.lam, "entropy_coef": eta.entropy,
                    "value_coef": eta.value, "loss": loss,
-                   "meta_grad_norm": jnp.linalg.norm(meta_grad)}
+                   "meta_grad_norm": jnp.linalg.norm(meta_grad), "entropy": result.entropy}
         new_state = MGRLState(result.params, result.opt_state, result.runner, result.batch,
                               meta_logits, meta_opt_state, key)
         return new_state, metrics

@@ -424,9 +424,11 @@ def report_markdown(result: dict[str, Any], title: str = "MGRL meta-gradient bia
 
 # --------------------------------------------------------------------------- run folders
 
-def load_run_state(run_dir, seed_index: int = 0, initial: bool = False):
+def load_run_state(run_dir, seed_index: int = 0, initial: bool = False,
+                   snapshot: int | None = None):
     """(run point, MGRLConfig, MGRLState of one seed) from a folder of `gmrl mgrl --out RUN_DIR`:
-    run.json (or config.json) and checkpoint.msgpack; `initial` gives the state before training."""
+    run.json (or config.json) and checkpoint.msgpack; `initial` gives the state before training,
+    `snapshot` the state kept at that many frames (`gmrl.runs.mgrl.SNAPSHOT_FRACTIONS`)."""
     import json
     from pathlib import Path
 
@@ -453,8 +455,15 @@ def load_run_state(run_dir, seed_index: int = 0, initial: bool = False):
     algorithm, config = mgrl_runs.algorithm_of(point)
     require(0 <= seed_index < point["seeds"],
             f"--seed-index must lie in [0, {point['seeds']}), got {seed_index}")
+    require(not (initial and snapshot is not None), "give --initial or --snapshot, not both")
     if initial:
         states = a2c.init_seeds(algorithm, jax.random.key(point["seed"]), point["seeds"])
+    elif snapshot is not None:
+        kept = mgrl_runs.snapshot_frames(run_dir)
+        require(snapshot in kept, f"{run_dir} keeps no snapshot at {snapshot} frames; kept: "
+                                  f"{', '.join(map(str, kept)) or 'none'}")
+        states, _ = checkpoint.restore(run_dir / mgrl_runs.SNAPSHOTS / f"{snapshot}.msgpack",
+                                       _state_template(algorithm, point["seeds"]))
     else:
         require((run_dir / mgrl_runs.CHECKPOINT).is_file(),
                 f"{run_dir} has no {mgrl_runs.CHECKPOINT} (the run saves one at each log point)")

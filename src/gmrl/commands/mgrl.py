@@ -20,6 +20,7 @@ META_PARAMS = ("gamma", "lam", "entropy", "value")  # gmrl.algos.mgrl.META_PARAM
 ENVS = ("CartPole-v1", "Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar",
         "SpaceInvaders-MinAtar")  # gmrl.algos.a2c.SUPPORTED_ENVS (tested equal)
 STUDY_GAMES = ENVS[1:]
+DEFAULT_STUDY_GAMES = ("Breakout-MinAtar", "SpaceInvaders-MinAtar")  # gmrl.runs.mgrl (tested equal)
 PRESETS = ("reference", "full")  # gmrl.algos.presets.PRESETS (tested equal)
 PRESET_HELP = ("reference: the reference code's settings (Adam with linear learning-rate decay, "
                "baseline, critic γ input and clip norm held constant in the meta-gradient, γ "
@@ -113,10 +114,14 @@ def _stored(out: Path, key: str) -> bool:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/mgrl"),
               show_default=True)
 @click.option("--quick", is_flag=True,
-              help="Breakout only, 2 seeds, 100k frames: a few minutes on 2 CPU cores.")
-@click.option("--games", default=",".join(STUDY_GAMES), show_default=True)
-@click.option("--frames", type=int, default=2_000_000, show_default=True)
-@click.option("--seeds", type=int, default=3, show_default=True)
+              help="Breakout only, 2 seeds, 100k frames, a small bias diagnostic: a few minutes "
+                   "on 2 CPU cores.")
+@click.option("--games", default=",".join(DEFAULT_STUDY_GAMES), show_default=True,
+              help=f"Comma list among {', '.join(STUDY_GAMES)}.")
+@click.option("--frames", type=int, default=None,
+              help="Frames per seed for every game [default: Breakout-MinAtar 10M, "
+                   "SpaceInvaders-MinAtar 5M, others 5M].")
+@click.option("--seeds", type=int, default=5, show_default=True)
 @click.option("--preset", type=click.Choice(PRESETS), default="reference", show_default=True,
               help=PRESET_HELP)
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
@@ -124,20 +129,28 @@ def _stored(out: Path, key: str) -> bool:
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def mgrl_study(out, quick, games, frames, seeds, preset, backend, address, progress):
-    """a2c vs mgrl vs mgrl-lvc on the MinAtar games: return and γ/λ curves, report.md."""
+    """a2c vs mgrl vs mgrl-lvc (reference preset, 5 seeds): Breakout-MinAtar 10M and
+    SpaceInvaders-MinAtar 5M frames; curves of return, entropy and the four meta-parameters; the
+    bias diagnostic at three snapshots of every mgrl run; report.md with the LVC verdict.
+    Resumable: re-running continues interrupted runs and skips finished ones."""
     from gmrl.io import prepare_output_dir
     from gmrl.runs import mgrl as mgrl_runs
 
     require(address is None or backend == "ray", "--address applies only to --backend ray")
     games = parse_names(games, ENVS, "game(s)")
+    bias_settings = None  # gmrl.algos.mgrl_bias.BiasSettings() defaults
     if quick:
+        from gmrl.algos.mgrl_bias import BiasSettings
+
         games, frames, seeds = ("Breakout-MinAtar",), 100_000, 2
+        bias_settings = BiasSettings(repeats=8, ref_multiplier=4, ref_parts=2, dice_multiplier=2,
+                                     bootstrap=500)
     overrides = {"preset": preset}
     mgrl_runs.study_points(games, frames, seeds, 1, overrides=overrides)  # bad settings: fail early
     prepare_output_dir(out)
     report = mgrl_runs.run_study(out, games, frames, seeds, log_points=50 if quick else 100,
-                                 overrides=overrides, backend=backend, address=address,
-                                 progress=progress)
+                                 overrides=overrides, bias_settings=bias_settings,
+                                 backend=backend, address=address, progress=progress)
     click.echo(report.read_text(encoding="utf-8"))
     click.echo(f"report: {report}")
 

@@ -35,12 +35,15 @@ ESTIMATORS = ("mgrl", "mgrl-lvc")  # gmrl.algos.mgrl_bias.ESTIMATORS, without im
 @click.option("--seed-index", type=int, default=0, show_default=True,
               help="Which of the run's seeds to diagnose.")
 @click.option("--initial", is_flag=True, help="Diagnose the run's initial state, not its checkpoint.")
+@click.option("--snapshot", type=int, default=None,
+              help="Diagnose the state kept at this many frames per seed (RUN_DIR/snapshots: at "
+                   "25, 50 and 75% of the run).")
 @click.option("--seed", type=int, default=0, show_default=True, help="PRNG seed of the draws.")
 @click.option("--bootstrap", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for bias.json and bias.md (default: RUN_DIR).")
 def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multiplier, inner_steps,
-                      inner_lr, estimators, seed_index, initial, seed, bootstrap, out):
+                      inner_lr, estimators, seed_index, initial, snapshot, seed, bootstrap, out):
     """Bias of MGRL's meta-gradient at a saved run state: cosine, relative bias, z, SNR."""
     from gmrl.io import atomic_write_json, atomic_write_text, prepare_output_dir
 
@@ -64,15 +67,17 @@ def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multipli
 
     from gmrl.algos import mgrl_bias
 
-    point, config, state = mgrl_bias.load_run_state(run_dir, seed_index, initial)
+    point, config, state = mgrl_bias.load_run_state(run_dir, seed_index, initial, snapshot)
     settings = mgrl_bias.BiasSettings(repeats, ref_multiplier, ref_parts, dice_multiplier, bootstrap)
     result = mgrl_bias.diagnose(config, state, jax.random.key(seed), settings, names, inner_steps,
                                 inner_lr)
+    where = ("initial state" if initial else "checkpoint" if snapshot is None
+             else f"snapshot at {snapshot} frames")
     result["run"] = {"run_dir": str(run_dir), "algo": point["algo"], "env": point["env"],
                      "frames": point["frames"], "seed_index": seed_index,
-                     "state": "initial" if initial else "checkpoint", "draw_seed": seed}
+                     "state": where, "draw_seed": seed}
     title = (f"MGRL meta-gradient bias: {point['algo']} run on {point['env']} "
-             f"({'initial state' if initial else 'checkpoint'}, seed {seed_index})")
+             f"({where}, seed {seed_index})")
     atomic_write_json(out / "bias.json", result)
     report = atomic_write_text(out / "bias.md", mgrl_bias.report_markdown(result, title))
     click.echo(report.read_text(encoding="utf-8"))

@@ -26,12 +26,18 @@ from gmrl.errors import require
 from gmrl.store import config_key
 
 CSV_FIELDS = ("frames", "seed", "episode_return", "episodes", "fps", "wall_s", "gamma", "lam",
-              "entropy_coef", "value_coef", "loss", "meta_grad_norm")
-TENSORBOARD_FIELDS = ("episode_return", "gamma", "lam", "entropy_coef", "value_coef", "fps")
+              "entropy_coef", "value_coef", "loss", "meta_grad_norm", "entropy")
+TENSORBOARD_FIELDS = ("episode_return", "entropy", "gamma", "lam", "entropy_coef", "value_coef",
+                      "fps")
 ALGOS = ("a2c", "mgrl", "mgrl-lvc")  # gmrl.algos.mgrl.ALGOS (tested equal), without importing it
 CHECKPOINT = "checkpoint.msgpack"
 PROGRESS = "progress.csv"
 STATE = "run.json"
+SNAPSHOTS = "snapshots"
+SNAPSHOT_FRACTIONS = (0.25, 0.5, 0.75)
+"""A run also keeps the checkpoints at these fractions of its log points, as
+SNAPSHOTS/FRAMES.msgpack (the states `gmrl mgrl-bias --snapshot FRAMES` and the study diagnose:
+under the reference preset the inner learning rate has decayed to 0 at the run's end)."""
 
 
 def run_config(algo: str, env: str, frames: int, seeds: int, seed: int = 0, log_points: int = 100,
@@ -80,6 +86,18 @@ def has_run(run_dir: Path, config: Mapping[str, Any]) -> bool:
         return False
 
 
+def snapshot_chunks(num_chunks: int) -> set[int]:
+    """The log points (1-based chunk counts) whose checkpoints are kept (`SNAPSHOT_FRACTIONS`)."""
+    return {min(num_chunks, max(1, round(f * num_chunks))) for f in SNAPSHOT_FRACTIONS}
+
+
+def snapshot_frames(run_dir: Path) -> list[int]:
+    """Frames per seed of the snapshots kept in `run_dir`, ascending."""
+    folder = Path(run_dir) / SNAPSHOTS
+    found = [p.stem for p in folder.glob("*.msgpack")] if folder.is_dir() else []
+    return sorted(int(f) for f in found if f.isdigit())
+
+
 def _rows(metrics: dict[str, np.ndarray], frames: int, fps: float, wall_s: float,
           first_seed: int) -> list[dict]:
     """One CSV row per seed from a chunk's metrics (arrays [S, steps])."""
@@ -91,7 +109,7 @@ def _rows(metrics: dict[str, np.ndarray], frames: int, fps: float, wall_s: float
                "episodes": episodes, "fps": fps, "wall_s": wall_s}
         for name in ("gamma", "lam", "entropy_coef", "value_coef"):  # values at the chunk's end
             row[name] = float(metrics[name][s, -1])
-        for name in ("loss", "meta_grad_norm"):  # means over the chunk
+        for name in ("loss", "meta_grad_norm", "entropy"):  # means over the chunk
             row[name] = float(np.mean(metrics[name][s]))
         rows.append(row)
     return rows
@@ -157,6 +175,8 @@ def train(config: Mapping[str, Any], run_dir: Path, *, progress: bool = True,
                              previous_wall + time.perf_counter() - start_wall, seed)
             log.extend(new_rows)
             checkpoint.save(run_dir / CHECKPOINT, states, steps_done)
+            if steps_done // chunk in snapshot_chunks(num_chunks):
+                checkpoint.save(run_dir / SNAPSHOTS / f"{frames_done}.msgpack", states, steps_done)
             if board is not None:
                 board.add(frames_done, new_rows)
             bar.update(chunk * frames_per_step)
@@ -181,15 +201,17 @@ def train(config: Mapping[str, Any], run_dir: Path, *, progress: bool = True,
 def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algorithm,
               mgrl_config=None) -> dict[str, Any]:
     """Final return per seed (the mean over the last 10% of logging points, at least one), final
-    meta-parameters, median frames/s and the settings actually used."""
+    meta-parameters and policy entropy, the training wall time, median frames/s and the settings
+    actually used."""
     seeds = sorted({int(r["seed"]) for r in rows})
-    per_seed, final_meta = [], {}
+    per_seed, final_meta, final_entropy = [], {}, []
     for s in seeds:
         mine = [r for r in rows if int(r["seed"]) == s]
         tail = mine[-max(1, len(mine) // 10):]
         per_seed.append(float(np.nanmean([float(r["episode_return"]) for r in tail])))
         for name in ("gamma", "lam", "entropy_coef", "value_coef"):
             final_meta.setdefault(name, []).append(float(mine[-1][name]))
+        final_entropy.append(float(mine[-1].get("entropy", float("nan"))))
     fps = [float(r["fps"]) for r in rows[len(seeds):]] or [float(r["fps"]) for r in rows]
     settings = {}
     if mgrl_config is not None:
@@ -197,7 +219,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
                     "inner_steps": mgrl_config.inner_steps if config.get("algo") != "a2c" else 0,
                     "learning_rate": mgrl_config.learning_rate, "preset": mgrl_config.preset}
     return {**config, "frames_done": int(rows[-1]["frames"]), "final_return_per_seed": per_seed,
-            "final_meta_params_per_seed": final_meta, "median_fps": float(np.median(fps)),
+            "final_meta_params_per_seed": final_meta, "final_entropy_per_seed": final_entropy,
+            "wall_s": max(float(r["wall_s"]) for r in rows), "median_fps": float(np.median(fps)),
             "frames_per_step": algorithm.frames_per_step, "settings": settings}
 
 
@@ -225,6 +248,12 @@ def run(points: Sequence[Mapping[str, Any]], out: Path, *, run_dir: Path | None 
 # --------------------------------------------------------------------------- study
 
 STUDY_GAMES = ("Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar")
+DEFAULT_STUDY_GAMES = ("Breakout-MinAtar", "SpaceInvaders-MinAtar")
+STUDY_FRAMES = {"Breakout-MinAtar": 10_000_000, "SpaceInvaders-MinAtar": 5_000_000}
+"""Frames per seed of the study by game (other games: `DEFAULT_FRAMES`)."""
+DEFAULT_FRAMES = 5_000_000
+BIAS_ALGOS = ("mgrl", "mgrl-lvc")
+"""Runs whose snapshots the study diagnoses (`gmrl.algos.mgrl_bias`)."""
 
 
 def study_run_dir(config: Mapping[str, Any]) -> str:
@@ -232,10 +261,15 @@ def study_run_dir(config: Mapping[str, Any]) -> str:
     return f"runs/{config['env']}/{config['algo']}-{config_key(config)[:10]}"
 
 
-def study_points(games: Sequence[str], frames: int, seeds: int, log_points: int, seed: int = 0,
-                 overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every algorithm on every game."""
-    return [run_config(algo, game, frames, seeds, seed, log_points, overrides)
+def study_frames(game: str, frames: int | None = None) -> int:
+    """`frames` if given, else the study's frames for `game` (`STUDY_FRAMES`)."""
+    return int(frames) if frames is not None else STUDY_FRAMES.get(game, DEFAULT_FRAMES)
+
+
+def study_points(games: Sequence[str], frames: int | None, seeds: int, log_points: int,
+                 seed: int = 0, overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every algorithm on every game, for `frames` per seed (None: `study_frames` per game)."""
+    return [run_config(algo, game, study_frames(game, frames), seeds, seed, log_points, overrides)
             for game in games for algo in ALGOS]
 
 
@@ -261,25 +295,35 @@ def _fill_nan(values: np.ndarray) -> np.ndarray:
     return np.nan_to_num(values)
 
 
+PANELS = (("episode_return", "episode return"), ("entropy", "policy entropy (nats)"),
+          ("gamma", "meta-learned γ"), ("lam", "meta-learned λ"),
+          ("entropy_coef", "meta-learned entropy coefficient"),
+          ("value_coef", "meta-learned value coefficient"))
+"""The study figure's panels: logged column and title (the four meta-parameters are fixed for
+a2c, which is drawn in the first two only)."""
+
+
 def plot_study(out: Path, results: Mapping[tuple[str, str], Mapping[str, Any]],
                games: Sequence[str]) -> list[Path]:
-    """GAME.png per game: return, γ and λ over frames, mean ± 95% CI over seeds per algorithm.
-    `results` maps (game, algo) to a run result. Figure objects only (the caller's matplotlib
-    backend is untouched); PNGs written atomically."""
+    """GAME.png per game: return, policy entropy and the four meta-parameters over frames, mean
+    ± 95% CI over seeds per algorithm. `results` maps (game, algo) to a run result. Figure
+    objects only (the caller's matplotlib backend is untouched); PNGs written atomically."""
     from matplotlib.figure import Figure
 
     from gmrl.stats import mean_ci
 
     figures = []
     for game in games:
-        fig = Figure(figsize=(15, 4))
-        axes = fig.subplots(1, 3)
+        fig = Figure(figsize=(15, 7.5))
+        axes = fig.subplots(2, 3).ravel()
         for algo in ALGOS:
             result = results.get((game, algo))
             if not result or not result.get("rows"):
                 continue
-            for ax, name in zip(axes, ("episode_return", "gamma", "lam"), strict=True):
-                if name != "episode_return" and algo == "a2c":
+            for ax, (name, _) in zip(axes, PANELS, strict=True):
+                if name not in ("episode_return", "entropy") and algo == "a2c":
+                    continue
+                if name not in result["rows"][0]:  # a log written before the column existed
                     continue
                 frames, values = _curves(result["rows"], name)
                 color = f"C{ALGOS.index(algo)}"  # the same colour for an algorithm everywhere
@@ -289,11 +333,11 @@ def plot_study(out: Path, results: Mapping[tuple[str, str], Mapping[str, Any]],
                 else:
                     mean = values[0]
                 ax.plot(frames, mean, label=algo, color=color)
-        for ax, title in zip(axes, ("episode return", "meta-learned γ", "meta-learned λ"),
-                             strict=True):
-            ax.set_title(f"{game}: {title}")
+        for ax, (_, title) in zip(axes, PANELS, strict=True):
+            ax.set_title(f"{game}: {title}", fontsize=10)
             ax.set_xlabel("frames per seed")
-            ax.legend()
+            if ax.lines:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         figures.append(io.atomic_savefig(fig, out / f"{game}.png", dpi=100))
     return figures
@@ -318,8 +362,16 @@ def _settings_line(summaries: Sequence[Mapping[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+def _duration(seconds: float | None) -> str:
+    if not seconds:
+        return "–"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {sec:02d} s"
+
+
 def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence[str],
-           out: Path | None = None) -> str:
+           out: Path | None = None,
+           bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]] | None = None) -> str:
     """report.md text: final return ± CI per game and algorithm, final γ and λ, frames/s; the
     header gives the settings the stored runs actually used."""
     from gmrl.stats import mean_ci
@@ -332,14 +384,17 @@ def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence
              f"per seed, {_settings_line(summaries)}.",
              "Final return: per seed, the mean episode return over the last 10% of logging "
              "points; the table gives mean ± Student-t 95% half-width over seeds. γ and λ are the "
-             "meta-learned values at the end (mean over seeds).", "",
-             "| game | algo | final return | per seed | final γ | final λ | median frames/s |",
-             "|---|---|---|---|---|---|---|"]
+             "meta-learned values at the end, the entropy is the acting policy's over the last "
+             "logging interval (means over seeds); wall: the run's training time (all seeds at "
+             "once).", "",
+             "| game | algo | final return | per seed | final γ | final λ | final entropy "
+             "| median frames/s | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for game in games:
         for algo in ALGOS:
             result = results.get((game, algo))
             if not result:
-                lines.append(f"| {game} | {algo} | (not run) | | | | |")
+                lines.append(f"| {game} | {algo} | (not run) | | | | | | |")
                 continue
             summary = result["summary"]
             returns = np.array(summary["final_return_per_seed"])
@@ -349,13 +404,24 @@ def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence
             else:
                 cell = f"{returns[0]:.2f}"
             meta = summary["final_meta_params_per_seed"]
+            entropy = summary.get("final_entropy_per_seed")
+            entropy = (f"{np.nanmean(entropy):.3f}" if entropy and np.isfinite(entropy).any()
+                       else "–")
             lines.append(f"| {game} | {algo} | {cell} | {', '.join(f'{r:.1f}' for r in returns)} "
                          f"| {np.mean(meta['gamma']):.4f} | {np.mean(meta['lam']):.4f} "
-                         f"| {summary['median_fps']:.0f} |")
+                         f"| {entropy} | {summary['median_fps']:.0f} "
+                         f"| {_duration(summary.get('wall_s'))} |")
+    walls = {g: sum(results[g, a]["summary"].get("wall_s") or 0.0 for a in ALGOS
+                    if results.get((g, a))) for g in games}
+    lines += ["", "Training wall time per game (the three algorithms, one after another): "
+              + "; ".join(f"{g} {_duration(w)}" for g, w in walls.items() if w) + "."]
     lines += claim_lines(results, games)
+    if bias:
+        lines += bias_lines(bias, games)
     figures = [f"`{g}.png`" for g in games if out is not None and (out / f"{g}.png").exists()]
     lines += ["", "Figures: " + (", ".join(figures) or "none yet")
-              + " (return, γ and λ over frames; mean ± 95% CI over seeds).", ""]
+              + " (return, policy entropy and the four meta-parameters over frames; mean ± 95% CI "
+              "over seeds).", ""]
     return "\n".join(lines)
 
 
@@ -400,14 +466,105 @@ def claim_lines(results: Mapping[tuple[str, str], Mapping[str, Any]],
     return lines
 
 
-def run_study(out: Path, games: Sequence[str], frames: int, seeds: int, log_points: int,
-              overrides: Mapping[str, Any] | None = None, *, backend: str = "local",
-              address: str | None = None, progress: bool = True, ray_init_kwargs=None) -> Path:
+def _cell(comparison: Mapping[str, Any] | None, name: str) -> str:
+    if comparison is None:
+        return "–"
+    low, high = comparison[f"{name}_ci"]
+    return f"{comparison[name]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def bias_lines(bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+               games: Sequence[str]) -> list[str]:
+    """The bias diagnostic at the runs' snapshots (`diagnose_snapshots`): per state, the relative
+    bias to the DiCE reference of single draws and of the large-batch mean (its Hessian bias
+    alone) for both surrogates, the cosine of a single draw to it; per game a line counting the
+    states where LVC's large-batch bias is lower / higher (95% CIs disjoint)."""
+    lines = ["", "## Meta-gradient bias at the runs' snapshots", "",
+             "`gmrl mgrl-bias` (docs/mgrl_bias.md) at the states each mgrl / mgrl-lvc run kept "
+             "at 25, 50 and 75% of its frames (seed 0); both surrogates are drawn at every state "
+             "on the same keys. Relative bias ‖E ĝ − g_ref‖/‖g_ref‖ [95% bootstrap CI] against "
+             "the DiCE reference (it also differentiates the inner rollouts' sampling): of single "
+             "meta-gradients (with their noise) and of the large-batch mean (the Hessian "
+             "estimate's bias alone); cosine of a single draw to the reference.", "",
+             "| game | run | frames | inner lr | single mgrl | single mgrl-lvc | large-batch mgrl "
+             "| large-batch mgrl-lvc | cosine mgrl | cosine mgrl-lvc |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for game in games:
+        lower = higher = states = 0
+        for algo in BIAS_ALGOS:
+            for entry in bias.get((game, algo), ()):
+                found = {(c["estimator"], c["reference"]): c for c in entry["result"]["comparisons"]}
+                if not any(ref == "dice" for _, ref in found):
+                    continue
+                get = {e: found.get((e, "dice")) for e in
+                       ("mgrl", "mgrl-lvc", "large-batch mgrl", "large-batch mgrl-lvc")}
+                lines.append(
+                    f"| {game} | {algo} | {entry['frames']} "
+                    f"| {entry['result']['settings']['inner_lr']:.2g} "
+                    f"| {_cell(get['mgrl'], 'rel_bias')} | {_cell(get['mgrl-lvc'], 'rel_bias')} "
+                    f"| {_cell(get['large-batch mgrl'], 'rel_bias')} "
+                    f"| {_cell(get['large-batch mgrl-lvc'], 'rel_bias')} "
+                    f"| {_cell(get['mgrl'], 'cosine')} | {_cell(get['mgrl-lvc'], 'cosine')} |")
+                vanilla, lvc = get["large-batch mgrl"], get["large-batch mgrl-lvc"]
+                if vanilla and lvc:
+                    states += 1
+                    lower += lvc["rel_bias_ci"][1] < vanilla["rel_bias_ci"][0]
+                    higher += lvc["rel_bias_ci"][0] > vanilla["rel_bias_ci"][1]
+        if states:
+            lines.append(f"| **{game}** | LVC's large-batch bias to DiCE: lower at {lower}, higher "
+                         f"at {higher}, undecided at {states - lower - higher} of {states} states "
+                         "(95% CIs disjoint) | | | | | | | | |")
+    return lines
+
+
+def diagnose_snapshots(out: Path, points: Sequence[Mapping[str, Any]], settings=None, *,
+                       progress: bool = True) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """`gmrl.algos.mgrl_bias.diagnose` (both surrogates, seed 0) at every snapshot of the mgrl
+    and mgrl-lvc runs among `points` (in OUT/`study_run_dir`); each result is kept as
+    RUN/bias/FRAMES/bias.json (+ bias.md) and read back on later calls. Returns, per (game,
+    algo), [{"frames", "result", "seconds"}] in frame order."""
+    import json
+
+    import jax
+    from tqdm.auto import tqdm
+
+    from gmrl.algos import mgrl_bias
+
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    todo = [(p, f) for p in points if p["algo"] in BIAS_ALGOS
+            for f in snapshot_frames(Path(out) / study_run_dir(p))]
+    for point, frames in tqdm(todo, desc="mgrl-bias", disable=not progress or not todo,
+                              leave=False):
+        run_dir = Path(out) / study_run_dir(point)
+        target = run_dir / "bias" / str(frames)
+        if (target / "bias.json").is_file():
+            entry = json.loads((target / "bias.json").read_text(encoding="utf-8"))
+        else:
+            started = time.perf_counter()
+            _, config, state = mgrl_bias.load_run_state(run_dir, 0, snapshot=frames)
+            result = mgrl_bias.diagnose(config, state, jax.random.key(frames), settings)
+            entry = {"frames": frames, "result": result,
+                     "seconds": time.perf_counter() - started}
+            io.atomic_write_json(target / "bias.json", entry)
+            io.atomic_write_text(target / "bias.md", mgrl_bias.report_markdown(
+                result, f"MGRL meta-gradient bias: {point['algo']} on {point['env']} at "
+                        f"{frames} frames (seed 0)"))
+        found.setdefault((point["env"], point["algo"]), []).append(entry)
+    return found
+
+
+def run_study(out: Path, games: Sequence[str], frames: int | None, seeds: int, log_points: int,
+              overrides: Mapping[str, Any] | None = None, *, bias_settings=None,
+              backend: str = "local", address: str | None = None, progress: bool = True,
+              ray_init_kwargs=None) -> Path:
     """Every algorithm on every game (finished runs come from the store, interrupted ones
-    continue from their checkpoints), then the figures and report.md."""
+    continue from their checkpoints), the bias diagnostic at the mgrl runs' snapshots
+    (`bias_settings`: a `gmrl.algos.mgrl_bias.BiasSettings`; results kept, so resumable too),
+    then the figures and report.md."""
     points = study_points(games, frames, seeds, log_points, overrides=overrides)
     results = run(points, out, backend=backend, address=address, progress=progress,
                   ray_init_kwargs=ray_init_kwargs)
     by_run = {(p["env"], p["algo"]): r for p, r in zip(points, results, strict=True)}
+    bias = diagnose_snapshots(out, points, bias_settings, progress=progress)
     plot_study(out, by_run, games)
-    return io.atomic_write_text(out / "report.md", report(by_run, games, out))
+    return io.atomic_write_text(out / "report.md", report(by_run, games, out, bias))
