@@ -189,6 +189,14 @@ def holm_adjust(p_values) -> np.ndarray:
     return adjusted
 
 
+def verdict(diff: float, p: float, alpha: float = 0.05) -> str:
+    """A two-sided test's verdict on a difference: "raises" or "lowers" where p ≤ α (e.g. a
+    Holm-adjusted p), else "no significant change in"; reads as VERB "the final return"."""
+    if p <= alpha:
+        return "raises" if diff > 0 else "lowers"
+    return "no significant change in"
+
+
 def detectable_difference(se: float, tests: int = 1, alpha: float = 0.05,
                           power: float = 0.8) -> float:
     """Smallest true difference a two-sided z-test at level α/`tests` (Bonferroni, the strictest

@@ -190,21 +190,15 @@ def _test(name: str, label: str, estimates, mean, mean_var, basis, scale=None, s
 
 
 def holm(p_values: Sequence[float], alpha: float) -> tuple[list[bool], list[float]]:
-    """Holm's step-down rule: reject p_(i) while p_(i) ≤ α/(m − i) (i = 0, 1, …, sorted ascending).
+    """Holm's step-down rule through `gmrl.stats.holm_adjust`: reject where the adjusted p-value
+    is ≤ α (the same as rejecting p_(i) while p_(i) ≤ α/(m − i), sorted ascending).
 
-    Returns (rejected, threshold per hypothesis)."""
-    order = np.argsort(p_values, kind="stable")
+    Returns (rejected, threshold α/(m − i) per hypothesis)."""
+    adjusted = stats.holm_adjust(p_values)
     count = len(p_values)
-    rejected = [False] * count
-    thresholds = [0.0] * count
-    stopped = False
-    for rank, index in enumerate(order):
-        thresholds[index] = alpha / (count - rank)
-        if not stopped and p_values[index] <= thresholds[index]:
-            rejected[index] = True
-        else:
-            stopped = True
-    return rejected, thresholds
+    thresholds = np.empty(count)
+    thresholds[np.argsort(p_values, kind="stable")] = alpha / (count - np.arange(count))
+    return [bool(p <= alpha) for p in adjusted], [float(t) for t in thresholds]
 
 
 def diagnose(estimates: np.ndarray, means: np.ndarray, mean_vars: np.ndarray,

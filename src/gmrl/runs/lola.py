@@ -22,6 +22,7 @@ import numpy as np
 from gmrl import io
 from gmrl.errors import require
 from gmrl.stats import mean_ci
+from gmrl.stats import verdict as stats_verdict
 
 PLAYERS = (1, 2)
 STATE_NAMES = ("start", "CC", "CD", "DC", "DD")
@@ -337,9 +338,8 @@ def seeds_to_detect(seeds: int, test: Mapping[str, float]) -> float:
 
 
 def _verdict(test: Mapping[str, float], alpha: float = 0.05) -> str:
-    if test["p_holm"] > alpha:
-        return "no significant change"
-    return "raises the final return" if test["diff"] > 0 else "lowers the final return"
+    words = stats_verdict(test["diff"], test["p_holm"], alpha)
+    return "no significant change" if words.startswith("no ") else f"{words} the final return"
 
 
 def _fmt(x: float, digits: int = 3) -> str:

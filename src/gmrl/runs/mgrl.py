@@ -436,6 +436,7 @@ def claim_lines(results: Mapping[tuple[str, str], Mapping[str, Any]],
     comparisons) with the smallest difference detectable with 80% power, and a verdict line for
     the paper's claim (mgrl-lvc against mgrl)."""
     from gmrl.stats import detectable_difference, holm_adjust, welch
+    from gmrl.stats import verdict as stats_verdict
 
     lines = ["", "## Differences of final return", ""]
     for game in games:
@@ -450,10 +451,7 @@ def claim_lines(results: Mapping[tuple[str, str], Mapping[str, Any]],
         adjusted = holm_adjust([t["p"] for t in tests])
         for (a, b), t, p in zip(pairs, tests, adjusted, strict=True):
             detectable = detectable_difference(t["se"], len(pairs))
-            if p <= 0.05:
-                verdict = "raises" if t["diff"] > 0 else "lowers"
-            else:
-                verdict = "no significant change in"
+            verdict = stats_verdict(t["diff"], p)
             line = (f"- {game}: {a} − {b} = {t['diff']:+.2f} ± {t['hw']:.2f} (p = {p:.3g}, Holm); "
                     f"detectable with 80% power: ±{detectable:.2f}.")
             if (a, b) == COMPARISONS[0]:
