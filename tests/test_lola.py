@@ -432,6 +432,7 @@ def _numbers(result):
 STUDY_VARIANTS = ("inner-exact-outer-exact", "inner-exact")
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest -n
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_lola_study_on_ray_gives_the_same_numbers_as_local(tmp_path, monkeypatch):
     pytest.importorskip("ray")

@@ -214,6 +214,7 @@ def test_report_names_non_finite_points_instead_of_crashing():
     assert report._zero_verdict(rows[1]) == "non-finite (overflow)"
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest -n
 def test_ray_backend_gives_the_same_study_numbers_as_local(tmp_path, monkeypatch):
     """A tiny decompose group through a local 2-CPU Ray equals the in-process numbers exactly."""
     import shutil

@@ -134,6 +134,7 @@ def test_batched_sweep_matches_per_point_results(tmp_path):
         assert len(store) == 0
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest -n
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_ray_backend_gives_the_same_numbers_as_local(tmp_path, monkeypatch):
     pytest.importorskip("ray")
