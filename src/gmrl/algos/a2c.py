@@ -179,7 +179,7 @@ def rollout(env, env_params, network: Network, params, runner: Runner, key: Arra
             ended, ended_return = done, episode_return
         completed = jnp.sum(jnp.where(ended, ended_return, 0.0), dtype=jnp.float32)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+        entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1), dtype=jnp.float32)
         stats = EpisodeStats(stats.return_sum + completed,
                              stats.return_count + jnp.sum(ended, dtype=jnp.int32),
                              stats.entropy_sum + entropy)
