@@ -220,7 +220,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
                     "learning_rate": mgrl_config.learning_rate, "preset": mgrl_config.preset}
     return {**config, "frames_done": int(rows[-1]["frames"]), "final_return_per_seed": per_seed,
             "final_meta_params_per_seed": final_meta, "final_entropy_per_seed": final_entropy,
-            "wall_s": max(float(r["wall_s"]) for r in rows), "median_fps": float(np.median(fps)),
+            "wall_s": max(float(r["wall_s"]) for r in rows),
+            "seconds_at_median_fps": int(rows[-1]["frames"]) * len(seeds) / float(np.median(fps)),
+            "median_fps": float(np.median(fps)),
             "frames_per_step": algorithm.frames_per_step, "settings": settings}
 
 
@@ -385,8 +387,9 @@ def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence
              "Final return: per seed, the mean episode return over the last 10% of logging "
              "points; the table gives mean ± Student-t 95% half-width over seeds. γ and λ are the "
              "meta-learned values at the end, the entropy is the acting policy's over the last "
-             "logging interval (means over seeds); wall: the run's training time (all seeds at "
-             "once).", "",
+             "logging interval (means over seeds); wall: the run's elapsed training time (all "
+             "seeds at once; it includes any time the process was paused or shared the CPU), and "
+             "in brackets frames × seeds / median frames/s.", "",
              "| game | algo | final return | per seed | final γ | final λ | final entropy "
              "| median frames/s | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -410,11 +413,16 @@ def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence
             lines.append(f"| {game} | {algo} | {cell} | {', '.join(f'{r:.1f}' for r in returns)} "
                          f"| {np.mean(meta['gamma']):.4f} | {np.mean(meta['lam']):.4f} "
                          f"| {entropy} | {summary['median_fps']:.0f} "
-                         f"| {_duration(summary.get('wall_s'))} |")
-    walls = {g: sum(results[g, a]["summary"].get("wall_s") or 0.0 for a in ALGOS
-                    if results.get((g, a))) for g in games}
+                         f"| {_duration(summary.get('wall_s'))} "
+                         f"({_duration(summary.get('seconds_at_median_fps'))}) |")
+    def total(game, name):
+        return sum(results[game, a]["summary"].get(name) or 0.0 for a in ALGOS
+                   if results.get((game, a)))
+
     lines += ["", "Training wall time per game (the three algorithms, one after another): "
-              + "; ".join(f"{g} {_duration(w)}" for g, w in walls.items() if w) + "."]
+              + "; ".join(f"{g} {_duration(total(g, 'wall_s'))} (at median frames/s "
+                          f"{_duration(total(g, 'seconds_at_median_fps'))})"
+                          for g in games if total(g, "wall_s")) + "."]
     lines += claim_lines(results, games)
     if bias:
         lines += bias_lines(bias, games)
