@@ -639,7 +639,7 @@ def test_sigint_through_the_command_then_resume_ends_with_the_same_numbers(tmp_p
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "interrupted after" in err, (process.returncode, err)
     logged = len(read_csv(tmp_path / "run" / runs.PROGRESS))
-    assert 1 <= logged < 200, logged  # stopped part-way
+    assert logged >= 1, logged
 
     done = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -652,7 +652,9 @@ def test_sigint_through_the_command_then_resume_ends_with_the_same_numbers(tmp_p
         return json.dumps([{k: v for k, v in r.items() if k not in ("fps", "wall_s")}
                            for r in rows])
 
-    assert len(resumed) == 200 and numbers(resumed) == numbers(whole)
+    # stopped part-way (200 log points at K = 1; at K = 2 the 300 steps give 150 chunks of 2)
+    assert logged < len(whole) == (200 if inner_steps == 1 else 150), (logged, len(whole))
+    assert numbers(resumed) == numbers(whole)
 
 
 def test_rollout_logs_the_acting_policy_entropy():
