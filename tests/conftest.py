@@ -1,21 +1,7 @@
-import atexit
 import importlib.util
-import os
-import shutil
-import tempfile
 
 import jax
 import pytest
-
-# Compiled programs are shared between the tests and the `gmrl` subprocesses they start (each
-# subprocess would compile the same programs again) through JAX's persistent cache, in a folder of
-# this pytest process (one per xdist worker) that is removed at exit.
-_CACHE = tempfile.mkdtemp(prefix="gmrl-test-jax-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Without the rl extra (a core-only install: `pip install gmrl`), skip the modules that need it.
 collect_ignore = [name for name, module in (("test_lola.py", "optax"), ("test_mgrl.py", "gymnax"),

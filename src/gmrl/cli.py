@@ -111,18 +111,6 @@ def study() -> None:
     """Run one of the reference studies (writes a result store, figures and report.md)."""
 
 
-def use_compilation_cache() -> None:
-    """Keep compiled XLA programs between runs in JAX's persistent cache (a resumed or repeated
-    run skips most compilation: `gmrl lola` at 100 updates fell from 12.2 to 5.8 s on 2 cores).
-
-    Where: JAX_COMPILATION_CACHE_DIR if set (set it empty to turn the cache off), else
-    $XDG_CACHE_HOME/gmrl/jax or ~/.cache/gmrl/jax; only programs that took ≥ 1 s to compile
-    are kept. Set before JAX is imported (it reads these variables then)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(base, "gmrl", "jax"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input gives one line on stderr and exit status 2, never a traceback.
 
@@ -130,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     backend); library code never switches the matplotlib backend itself.
     """
     os.environ.setdefault("MPLBACKEND", "Agg")
-    use_compilation_cache()
     try:
         cli.main(args=argv, prog_name="gmrl", standalone_mode=False)
     except InputError as err:
