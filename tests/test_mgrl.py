@@ -357,13 +357,21 @@ def test_conv_as_patches_matches_lax_conv():
     np.testing.assert_allclose(conv3x3_valid(x, layer), reference, rtol=1e-5, atol=1e-5)
 
 
+def _random_like(shapes):
+    """N(0, 0.05²) arrays of the given shapes (the orthogonal init of the 3136 × 512 layer takes
+    ~10 s on this CPU; these tests need shapes and the γ path, not the init)."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda leaf: jnp.asarray(0.05 * rng.standard_normal(leaf.shape),
+                                                 leaf.dtype), shapes)
+
+
 @pytest.mark.parametrize("critic", networks.CRITIC_INPUTS)
 def test_nature_torso_shapes_and_critic_gamma_inputs(critic):
     """Atari frames [84, 84, 4] take the Nature torso (conv 8×8/4 → 32, 4×4/2 → 64, 3×3/1 → 64,
     7·7·64 = 3136 → 512); the embedding critic mixes 512 + 16 = 528 → 512 as the reference's
     CNNBase_condition; γ changes the value unless the critic has no γ input."""
     network = networks.make_network((84, 84, 4), 6, critic)
-    params = network.init(jax.random.key(0))
+    params = _random_like(jax.eval_shape(network.init, jax.random.key(0)))
     assert [layer["w"].shape for layer in params["convs"]] == [(8, 8, 4, 32), (4, 4, 32, 64),
                                                                (3, 3, 64, 64)]
     assert params["hidden"]["w"].shape == (3136, 512) and params["policy_head"]["w"].shape == (512, 6)
@@ -372,12 +380,13 @@ def test_nature_torso_shapes_and_critic_gamma_inputs(critic):
     if critic == "embedding":
         assert params["mix"]["w"].shape == (528, 512) and params["gamma_embedding"]["w"].shape == (1, 16)
     obs = jax.random.uniform(jax.random.key(1), (2, 3, 84, 84, 4), jnp.float32, 0, 255)
-    logits, values = network.apply(params, obs, jnp.float32(0.99))
+    apply = jax.jit(network.apply)  # one compiled program (op by op took 6-19 s here)
+    logits, values = apply(params, obs, jnp.float32(0.99))
     assert logits.shape == (2, 3, 6) and values.shape == (2, 3)
-    np.testing.assert_allclose(network.policy(params, obs), logits, rtol=1e-6)
-    other = network.apply(params, obs, jnp.float32(0.5))[1]
+    np.testing.assert_allclose(jax.jit(network.policy)(params, obs), logits, rtol=1e-6)
+    other = apply(params, obs, jnp.float32(0.5))[1]
     assert np.allclose(other, values) == (critic == "none")
-    small = networks.make_network((10, 10, 4), 3, critic).init(jax.random.key(0))
+    small = jax.eval_shape(networks.make_network((10, 10, 4), 3, critic).init, jax.random.key(0))
     assert "convs" not in small and "conv" in small  # MinAtar keeps its own torso
     if critic == "embedding":
         assert small["mix"]["w"].shape == (128 + 16, 128)
