@@ -122,6 +122,13 @@ def test_lola_bad_sizes_write_nothing(tmp_path, option, allowed):
     assert not out.exists()
 
 
+def test_mgrl_study_bad_learning_rate_writes_nothing(tmp_path):
+    out = tmp_path / "D"
+    assert_clean_error(run_gmrl("study", "mgrl", "--quick", "--lr", "-1", "--no-progress",
+                                "--out", out), "learning rates must be >= 0")
+    assert not out.exists()
+
+
 def test_mgrl_resume_without_a_run_says_so(tmp_path):
     out = tmp_path / "nonexistent"
     assert_clean_error(run_gmrl(*MGRL_FAST, "--resume", "--out", out), "--resume",

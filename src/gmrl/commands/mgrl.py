@@ -122,13 +122,16 @@ def _stored(out: Path, key: str) -> bool:
               help="Frames per seed for every game [default: Breakout-MinAtar 10M, "
                    "SpaceInvaders-MinAtar 5M, others 5M].")
 @click.option("--seeds", type=int, default=5, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="Inner (and A2C) learning rate for every run [default: the preset's, 7e-4]; "
+                   "the reference preset's α is small for MinAtar (docs/mgrl.md).")
 @click.option("--preset", type=click.Choice(PRESETS), default="reference", show_default=True,
               help=PRESET_HELP)
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="local: in-process; ray: one Ray task per run.")
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def mgrl_study(out, quick, games, frames, seeds, preset, backend, address, progress):
+def mgrl_study(out, quick, games, frames, seeds, lr, preset, backend, address, progress):
     """a2c vs mgrl vs mgrl-lvc (reference preset, 5 seeds): Breakout-MinAtar 10M and
     SpaceInvaders-MinAtar 5M frames; curves of return, entropy and the four meta-parameters; the
     bias diagnostic at three snapshots of every mgrl run; report.md with the LVC verdict.
@@ -145,7 +148,7 @@ def mgrl_study(out, quick, games, frames, seeds, preset, backend, address, progr
         games, frames, seeds = ("Breakout-MinAtar",), 100_000, 2
         bias_settings = BiasSettings(repeats=8, ref_multiplier=4, ref_parts=2, dice_multiplier=2,
                                      bootstrap=500)
-    overrides = {"preset": preset}
+    overrides = {"preset": preset} if lr is None else {"preset": preset, "learning_rate": lr}
     mgrl_runs.study_points(games, frames, seeds, 1, overrides=overrides)  # bad settings: fail early
     prepare_output_dir(out)
     report = mgrl_runs.run_study(out, games, frames, seeds, log_points=50 if quick else 100,

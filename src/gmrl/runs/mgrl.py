@@ -47,6 +47,9 @@ def run_config(algo: str, env: str, frames: int, seeds: int, seed: int = 0, log_
     require(frames > 0, f"--frames must be positive, got {frames}")
     require(seeds >= 1, f"--seeds must be at least 1, got {seeds}")
     require(log_points >= 1, f"--log-points must be at least 1, got {log_points}")
+    from gmrl.algos import mgrl
+
+    mgrl.make_config(algo, env, **dict(overrides or {}))  # the settings themselves (InputError)
     return {"study": "mgrl", "algo": algo, "env": env, "frames": int(frames), "seeds": int(seeds),
             "seed": int(seed), "log_points": int(log_points),
             "overrides": io.to_jsonable(dict(overrides or {}))}
