@@ -189,12 +189,12 @@ def holm_adjust(p_values) -> np.ndarray:
     return adjusted
 
 
-def verdict(diff: float, p: float, alpha: float = 0.05) -> str:
-    """A two-sided test's verdict on a difference: "raises" or "lowers" where p ≤ α (e.g. a
-    Holm-adjusted p), else "no significant change in"; reads as VERB "the final return"."""
+def verdict(diff: float, p: float, alpha: float = 0.05, what: str = "the final return") -> str:
+    """A two-sided test's verdict on a difference (p e.g. Holm-adjusted): "raises WHAT" or
+    "lowers WHAT" where p ≤ α, else "no significant change in WHAT"."""
     if p <= alpha:
-        return "raises" if diff > 0 else "lowers"
-    return "no significant change in"
+        return f"{'raises' if diff > 0 else 'lowers'} {what}"
+    return f"no significant change in {what}"
 
 
 def detectable_difference(se: float, tests: int = 1, alpha: float = 0.05,

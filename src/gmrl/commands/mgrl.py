@@ -90,7 +90,7 @@ def mgrl_command(env, algo, preset, frames, seeds, seed, out, inner_steps, meta_
         require(mgrl_runs.has_run(out, point) or stored,
                 f"--resume: {out} holds no run with these settings to continue; run without "
                 "--resume to start one")
-    mgrl_runs.algorithm_of(point)  # unknown environment or bad settings: fail before writing
+    mgrl_runs.algorithm_of(point)  # an environment that will not build: fail before writing
     runs.claim_folder(out, point, "MGRL run")
     (result,) = mgrl_runs.run([point], out, run_dir=out, progress=progress,
                               tensorboard=tensorboard)

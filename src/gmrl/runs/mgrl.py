@@ -466,8 +466,8 @@ def claim_lines(results: Mapping[tuple[str, str], Mapping[str, Any]],
             line = (f"- {game}: {a} − {b} = {t['diff']:+.2f} ± {t['hw']:.2f} (p = {p:.3g}, Holm); "
                     f"detectable with 80% power: ±{detectable:.2f}.")
             if (a, b) == COMPARISONS[0]:
-                line += (f" **Claim (LVC improves MGRL's final return): {a} {verdict} the final "
-                         f"return** ({np.mean(finals[a]):.2f} vs {np.mean(finals[b]):.2f}"
+                line += (f" **Claim (LVC improves MGRL's final return): {a} {verdict}** "
+                         f"({np.mean(finals[a]):.2f} vs {np.mean(finals[b]):.2f}"
                          + ("" if p <= 0.05 else
                             f"; this study could not have detected a difference under "
                             f"±{detectable:.2f}") + ").")
