@@ -216,6 +216,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
             final_meta.setdefault(name, []).append(float(mine[-1][name]))
         final_entropy.append(float(mine[-1].get("entropy", float("nan"))))
     fps = [float(r["fps"]) for r in rows[len(seeds):]] or [float(r["fps"]) for r in rows]
+    median_fps = float(np.median(fps))
     settings = {}
     if mgrl_config is not None:
         settings = {"num_envs": mgrl_config.num_envs, "num_steps": mgrl_config.num_steps,
@@ -224,8 +225,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
     return {**config, "frames_done": int(rows[-1]["frames"]), "final_return_per_seed": per_seed,
             "final_meta_params_per_seed": final_meta, "final_entropy_per_seed": final_entropy,
             "wall_s": max(float(r["wall_s"]) for r in rows),
-            "seconds_at_median_fps": int(rows[-1]["frames"]) * len(seeds) / float(np.median(fps)),
-            "median_fps": float(np.median(fps)),
+            "seconds_at_median_fps": int(rows[-1]["frames"]) * len(seeds) / median_fps,
+            "median_fps": median_fps,
             "frames_per_step": algorithm.frames_per_step, "settings": settings}
 
 
