@@ -1,0 +1,98 @@
+"""Floating-point work per frame of a2c and MGRL, by part of the step, from XLA's cost analysis
+of the compiled programs (no timing: this explains the cost ratio `benchmarks/mgrl.py` measures).
+
+Usage: python benchmarks/mgrl_flops.py [--env Breakout-MinAtar] [--preset reference]
+
+XLA counts a loop body once, so a rollout's flops are those of a one-step rollout (policy forward
+and env step on all envs) times its T steps. Parts of one MGRL step (K inner steps,
+`gmrl.algos.mgrl.make_meta_gradient`): K rollouts; the first inner update with its pullback w.r.t.
+the meta-logits x only (θ_0 does not depend on x); K − 1 inner updates with their pullbacks w.r.t.
+(x, θ, optimiser state) — the second-order part; the outer loss's value and gradient at θ_K.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from gmrl.algos import a2c, mgrl
+
+
+def flops(fn, *args) -> float:
+    """XLA's flop count of jit(fn)(*args) (loop bodies once)."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis["flops"])
+
+
+def parts(env_name: str, preset: str) -> dict[str, float]:
+    """Flops of each part of one a2c step and one MGRL step (vanilla surrogate)."""
+    cfg = mgrl.make_config("mgrl", env_name, preset=preset, total_updates=10 ** 6)
+    env, env_params, network = mgrl.env_and_network(cfg)
+    state = mgrl.make_algorithm("mgrl", env_name, preset=preset, total_updates=10 ** 6).init(
+        jax.random.key(0))
+    update = mgrl._make_update(cfg, network)
+    x, params, opt_state, batch = state.meta_logits, state.params, state.opt_state, state.batch
+    zero = jax.tree.map(mgrl._zero_cotangent, opt_state)
+
+    def first_update(x, params, opt_state, batch):
+        (new_params, _), pullback, _ = jax.vjp(lambda x: update(x, params, opt_state, batch), x,
+                                               has_aux=True)
+        return pullback((new_params, zero))
+
+    def later_update(x, params, opt_state, batch):
+        (new_params, _), pullback, _ = jax.vjp(lambda x, p, s: update(x, p, s, batch), x, params,
+                                               opt_state, has_aux=True)
+        return pullback((new_params, zero))
+
+    def outer(params, batch):
+        return jax.value_and_grad(
+            lambda p: mgrl._outer_objective(network, p, p, batch, cfg))(params)
+
+    def rollout_step(params, runner, key, net=network):
+        return a2c.rollout(env, env_params, net, params, runner, key, 1)[1]
+
+    a2c_algo = mgrl.make_algorithm("a2c", env_name, preset=preset, total_updates=10 ** 6)
+    a2c_state = a2c_algo.init(jax.random.key(0))
+    a2c_network = mgrl.env_and_network(mgrl.make_config("a2c", env_name, preset=preset))[2]
+    steps = cfg.num_steps
+    a2c_roll = steps * flops(lambda p, r, k: rollout_step(p, r, k, a2c_network), a2c_state.params,
+                             a2c_state.runner, a2c_state.key)
+    return {
+        "a2c: rollout": a2c_roll,
+        "a2c: update": flops(a2c_algo.step, a2c_state) - a2c_roll / steps,
+        "mgrl: K rollouts": cfg.inner_steps * steps * flops(rollout_step, params, state.runner,
+                                                            state.key),
+        "mgrl: first update + pullback (x)": flops(first_update, x, params, opt_state, batch),
+        "mgrl: K-1 updates + pullbacks (x, θ, s)": (cfg.inner_steps - 1) * flops(
+            later_update, x, params, opt_state, batch),
+        "mgrl: outer loss value and gradient": flops(outer, params, batch),
+        "mgrl: whole step (one program)": flops(mgrl.make_algorithm(
+            "mgrl", env_name, preset=preset, total_updates=10 ** 6).step, state)
+        + cfg.inner_steps * (steps - 1) * flops(rollout_step, params, state.runner, state.key),
+        "frames per a2c step": float(cfg.num_envs * steps),
+        "frames per mgrl step": float(cfg.inner_steps * cfg.num_envs * steps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="Breakout-MinAtar")
+    parser.add_argument("--preset", default="reference")
+    args = parser.parse_args()
+    result = parts(args.env, args.preset)
+    a2c_frames, mgrl_frames = result.pop("frames per a2c step"), result.pop("frames per mgrl step")
+    whole = result.pop("mgrl: whole step (one program)")
+    a2c_total = result["a2c: rollout"] + result["a2c: update"]
+    print(f"{args.env}, preset {args.preset}: XLA flops per step (MFLOP) and per frame (kFLOP)")
+    for name, value in result.items():
+        frames = a2c_frames if name.startswith("a2c") else mgrl_frames
+        print(f"  {name:42s} {value / 1e6:9.1f} MFLOP {value / frames / 1e3:8.1f} kFLOP/frame")
+    print(f"  {'mgrl: whole step (one program)':42s} {whole / 1e6:9.1f} MFLOP "
+          f"{whole / mgrl_frames / 1e3:8.1f} kFLOP/frame")
+    print(f"MGRL / a2c flops per frame: {(whole / mgrl_frames) / (a2c_total / a2c_frames):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
