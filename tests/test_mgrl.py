@@ -727,6 +727,9 @@ def test_study_keeps_snapshots_diagnoses_the_mgrl_runs_and_resumes(tmp_path, mon
             assert algorithm.init_frames + steps * algorithm.frames_per_step == frames
             assert np.all(np.asarray(states.opt_state.count) == steps)
             expected_calls.append((point["algo"] == "mgrl-lvc", steps))
+            title = (run_dir / "bias" / str(frames) / "bias.md").read_text().splitlines()[0]
+            assert title == (f"# MGRL meta-gradient bias: {point['algo']} run on CartPole-v1 "
+                             f"(snapshot at {frames} frames, seed 0)")
     assert sorted(calls) == sorted(expected_calls) and len(calls) == 6
     assert "## Meta-gradient bias at the runs' snapshots" in report
     section = report.split("## Meta-gradient bias")[1]

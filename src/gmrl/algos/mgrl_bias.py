@@ -390,6 +390,11 @@ def diagnose(config: mgrl.MGRLConfig, state, key: Array, settings: BiasSettings 
     }
 
 
+def report_title(algo: str, env: str, where: str, seed_index: int) -> str:
+    """bias.md's title for the diagnostic of run seed `seed_index` at `where` (e.g. "checkpoint")."""
+    return f"MGRL meta-gradient bias: {algo} run on {env} ({where}, seed {seed_index})"
+
+
 def report_markdown(result: dict[str, Any], title: str = "MGRL meta-gradient bias") -> str:
     """bias.md: one table row per (estimator, reference) comparison, and the paired difference."""
     s = result["settings"]

@@ -76,8 +76,7 @@ def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multipli
     result["run"] = {"run_dir": str(run_dir), "algo": point["algo"], "env": point["env"],
                      "frames": point["frames"], "seed_index": seed_index,
                      "state": where, "draw_seed": seed}
-    title = (f"MGRL meta-gradient bias: {point['algo']} run on {point['env']} "
-             f"({where}, seed {seed_index})")
+    title = mgrl_bias.report_title(point["algo"], point["env"], where, seed_index)
     atomic_write_json(out / "bias.json", result)
     report = atomic_write_text(out / "bias.md", mgrl_bias.report_markdown(result, title))
     click.echo(report.read_text(encoding="utf-8"))

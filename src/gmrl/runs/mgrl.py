@@ -557,8 +557,8 @@ def diagnose_snapshots(out: Path, points: Sequence[Mapping[str, Any]], settings=
                      "seconds": time.perf_counter() - started}
             io.atomic_write_json(target / "bias.json", entry)
             io.atomic_write_text(target / "bias.md", mgrl_bias.report_markdown(
-                result, f"MGRL meta-gradient bias: {point['algo']} on {point['env']} at "
-                        f"{frames} frames (seed 0)"))
+                result, mgrl_bias.report_title(point["algo"], point["env"],
+                                               f"snapshot at {frames} frames", 0)))
         found.setdefault((point["env"], point["algo"]), []).append(entry)
     return found
 
