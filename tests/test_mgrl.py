@@ -734,5 +734,6 @@ def test_study_keeps_snapshots_diagnoses_the_mgrl_runs_and_resumes(tmp_path, mon
     assert "## Meta-gradient bias at the runs' snapshots" in report
     section = report.split("## Meta-gradient bias")[1]
     assert section.count("| CartPole-v1 | mgrl") == 6 and "of 6 states" in section
+    assert all(row.count("|") == 12 for row in section.splitlines() if row.startswith("| "))
     again = runs.run_study(*args, progress=False).read_text()
     assert len(calls) == 6 and again == report

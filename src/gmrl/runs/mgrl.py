@@ -483,6 +483,10 @@ def _cell(comparison: Mapping[str, Any] | None, name: str) -> str:
     return f"{comparison[name]:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _floor(comparison: Mapping[str, Any] | None) -> str:
+    return "–" if comparison is None else f"{comparison['noise_floor']:.2f}"
+
+
 def bias_lines(bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
                games: Sequence[str]) -> list[str]:
     """The bias diagnostic at the runs' snapshots (`diagnose_snapshots`): per state, the relative
@@ -495,10 +499,12 @@ def bias_lines(bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
              "on the same keys. Relative bias ‖E ĝ − g_ref‖/‖g_ref‖ [95% bootstrap CI] against "
              "the DiCE reference (it also differentiates the inner rollouts' sampling): of single "
              "meta-gradients (with their noise) and of the large-batch mean (the Hessian "
-             "estimate's bias alone); cosine of a single draw to the reference.", "",
+             "estimate's bias alone); cosine of a single draw to the reference. Noise floor: the "
+             "relative bias the large-batch mean (vanilla) would show with no bias at all, from "
+             "its and the reference's noise; a bias below it cannot be seen at that state.", "",
              "| game | run | frames | inner lr | single mgrl | single mgrl-lvc | large-batch mgrl "
-             "| large-batch mgrl-lvc | cosine mgrl | cosine mgrl-lvc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| large-batch mgrl-lvc | noise floor | cosine mgrl | cosine mgrl-lvc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for game in games:
         lower = higher = states = 0
         for algo in BIAS_ALGOS:
@@ -514,6 +520,7 @@ def bias_lines(bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
                     f"| {_cell(get['mgrl'], 'rel_bias')} | {_cell(get['mgrl-lvc'], 'rel_bias')} "
                     f"| {_cell(get['large-batch mgrl'], 'rel_bias')} "
                     f"| {_cell(get['large-batch mgrl-lvc'], 'rel_bias')} "
+                    f"| {_floor(get['large-batch mgrl'])} "
                     f"| {_cell(get['mgrl'], 'cosine')} | {_cell(get['mgrl-lvc'], 'cosine')} |")
                 vanilla, lvc = get["large-batch mgrl"], get["large-batch mgrl-lvc"]
                 if vanilla and lvc:
@@ -523,7 +530,7 @@ def bias_lines(bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
         if states:
             lines.append(f"| **{game}** | LVC's large-batch bias to DiCE: lower at {lower}, higher "
                          f"at {higher}, undecided at {states - lower - higher} of {states} states "
-                         "(95% CIs disjoint) | | | | | | | | |")
+                         "(95% CIs disjoint) | | | | | | | | | |")
     return lines
 
 
