@@ -375,6 +375,15 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {sec:02d} s"
 
 
+def _seconds_at_median_fps(summary: Mapping[str, Any]) -> float | None:
+    """frames × seeds / median frames/s (also for summaries stored before it was kept)."""
+    if "seconds_at_median_fps" in summary:
+        return summary["seconds_at_median_fps"]
+    if summary.get("median_fps") and "frames_done" in summary:
+        return summary["frames_done"] * summary["seeds"] / summary["median_fps"]
+    return None
+
+
 def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence[str],
            out: Path | None = None,
            bias: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]] | None = None) -> str:
@@ -418,9 +427,11 @@ def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence
                          f"| {np.mean(meta['gamma']):.4f} | {np.mean(meta['lam']):.4f} "
                          f"| {entropy} | {summary['median_fps']:.0f} "
                          f"| {_duration(summary.get('wall_s'))} "
-                         f"({_duration(summary.get('seconds_at_median_fps'))}) |")
+                         f"({_duration(_seconds_at_median_fps(summary))}) |")
     def total(game, name):
-        return sum(results[game, a]["summary"].get(name) or 0.0 for a in ALGOS
+        get = (_seconds_at_median_fps if name == "seconds_at_median_fps"
+               else lambda summary: summary.get(name))
+        return sum(get(results[game, a]["summary"]) or 0.0 for a in ALGOS
                    if results.get((game, a)))
 
     lines += ["", "Training wall time per game (the three algorithms, one after another): "
