@@ -30,8 +30,8 @@ def parts(env_name: str, preset: str) -> dict[str, float]:
     """Flops of each part of one a2c step and one MGRL step (vanilla surrogate)."""
     cfg = mgrl.make_config("mgrl", env_name, preset=preset, total_updates=10 ** 6)
     env, env_params, network = mgrl.env_and_network(cfg)
-    state = mgrl.make_algorithm("mgrl", env_name, preset=preset, total_updates=10 ** 6).init(
-        jax.random.key(0))
+    algorithm = mgrl.make_algorithm("mgrl", env_name, preset=preset, total_updates=10 ** 6)
+    state = algorithm.init(jax.random.key(0))
     update = mgrl._make_update(cfg, network)
     x, params, opt_state, batch = state.meta_logits, state.params, state.opt_state, state.batch
     zero = jax.tree.map(mgrl._zero_cotangent, opt_state)
@@ -57,20 +57,19 @@ def parts(env_name: str, preset: str) -> dict[str, float]:
     a2c_state = a2c_algo.init(jax.random.key(0))
     a2c_network = mgrl.env_and_network(mgrl.make_config("a2c", env_name, preset=preset))[2]
     steps = cfg.num_steps
+    roll_step = flops(rollout_step, params, state.runner, state.key)
     a2c_roll = steps * flops(lambda p, r, k: rollout_step(p, r, k, a2c_network), a2c_state.params,
                              a2c_state.runner, a2c_state.key)
     return {
         "a2c: rollout": a2c_roll,
         "a2c: update": flops(a2c_algo.step, a2c_state) - a2c_roll / steps,
-        "mgrl: K rollouts": cfg.inner_steps * steps * flops(rollout_step, params, state.runner,
-                                                            state.key),
+        "mgrl: K rollouts": cfg.inner_steps * steps * roll_step,
         "mgrl: first update + pullback (x)": flops(first_update, x, params, opt_state, batch),
         "mgrl: K-1 updates + pullbacks (x, θ, s)": (cfg.inner_steps - 1) * flops(
             later_update, x, params, opt_state, batch),
         "mgrl: outer loss value and gradient": flops(outer, params, batch),
-        "mgrl: whole step (one program)": flops(mgrl.make_algorithm(
-            "mgrl", env_name, preset=preset, total_updates=10 ** 6).step, state)
-        + cfg.inner_steps * (steps - 1) * flops(rollout_step, params, state.runner, state.key),
+        "mgrl: whole step (one program)": flops(algorithm.step, state)
+        + cfg.inner_steps * (steps - 1) * roll_step,
         "frames per a2c step": float(cfg.num_envs * steps),
         "frames per mgrl step": float(cfg.inner_steps * cfg.num_envs * steps),
     }
