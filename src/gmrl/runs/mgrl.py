@@ -216,7 +216,6 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
             final_meta.setdefault(name, []).append(float(mine[-1][name]))
         final_entropy.append(float(mine[-1].get("entropy", float("nan"))))
     fps = [float(r["fps"]) for r in rows[len(seeds):]] or [float(r["fps"]) for r in rows]
-    median_fps = float(np.median(fps))
     settings = {}
     if mgrl_config is not None:
         settings = {"num_envs": mgrl_config.num_envs, "num_steps": mgrl_config.num_steps,
@@ -225,8 +224,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], algo
     return {**config, "frames_done": int(rows[-1]["frames"]), "final_return_per_seed": per_seed,
             "final_meta_params_per_seed": final_meta, "final_entropy_per_seed": final_entropy,
             "wall_s": max(float(r["wall_s"]) for r in rows),
-            "seconds_at_median_fps": int(rows[-1]["frames"]) * len(seeds) / median_fps,
-            "median_fps": median_fps,
+            "median_fps": float(np.median(fps)),
             "frames_per_step": algorithm.frames_per_step, "settings": settings}
 
 
@@ -376,12 +374,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def _seconds_at_median_fps(summary: Mapping[str, Any]) -> float | None:
-    """frames × seeds / median frames/s (also for summaries stored before it was kept)."""
-    if "seconds_at_median_fps" in summary:
-        return summary["seconds_at_median_fps"]
-    if summary.get("median_fps") and "frames_done" in summary:
-        return summary["frames_done"] * summary["seeds"] / summary["median_fps"]
-    return None
+    """frames × seeds / median frames/s: the run's training time without pauses or sharing."""
+    if not summary.get("median_fps") or "frames_done" not in summary:
+        return None
+    return summary["frames_done"] * summary["seeds"] / summary["median_fps"]
 
 
 def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence[str],
@@ -428,16 +424,17 @@ def report(results: Mapping[tuple[str, str], Mapping[str, Any]], games: Sequence
                          f"| {entropy} | {summary['median_fps']:.0f} "
                          f"| {_duration(summary.get('wall_s'))} "
                          f"({_duration(_seconds_at_median_fps(summary))}) |")
-    def total(game, name):
-        get = (_seconds_at_median_fps if name == "seconds_at_median_fps"
-               else lambda summary: summary.get(name))
-        return sum(get(results[game, a]["summary"]) or 0.0 for a in ALGOS
+    def total(game, seconds):
+        return sum(seconds(results[game, a]["summary"]) or 0.0 for a in ALGOS
                    if results.get((game, a)))
 
+    def wall(summary):
+        return summary.get("wall_s")
+
     lines += ["", "Training wall time per game (the three algorithms, one after another): "
-              + "; ".join(f"{g} {_duration(total(g, 'wall_s'))} (at median frames/s "
-                          f"{_duration(total(g, 'seconds_at_median_fps'))})"
-                          for g in games if total(g, "wall_s")) + "."]
+              + "; ".join(f"{g} {_duration(total(g, wall))} (at median frames/s "
+                          f"{_duration(total(g, _seconds_at_median_fps))})"
+                          for g in games if total(g, wall)) + "."]
     lines += claim_lines(results, games)
     if bias:
         lines += bias_lines(bias, games)
