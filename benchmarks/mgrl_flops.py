@@ -46,6 +46,12 @@ def parts(env_name: str, preset: str) -> dict[str, float]:
                                                opt_state, has_aux=True)
         return pullback((new_params, zero))
 
+    def update_alone(x, params, opt_state, batch):
+        return update(x, params, opt_state, batch)[0]
+
+    def outer_forward(params, batch):  # the torso (and policy head) on D_K's T+1 observations
+        return network.policy(params, a2c._obs_all(batch))
+
     def outer(params, batch):
         return jax.value_and_grad(
             lambda p: mgrl._outer_objective(network, p, p, batch, cfg))(params)
@@ -60,14 +66,17 @@ def parts(env_name: str, preset: str) -> dict[str, float]:
     roll_step = flops(rollout_step, params, state.runner, state.key)
     a2c_roll = steps * flops(lambda p, r, k: rollout_step(p, r, k, a2c_network), a2c_state.params,
                              a2c_state.runner, a2c_state.key)
+    later = flops(later_update, x, params, opt_state, batch)
     return {
         "a2c: rollout": a2c_roll,
         "a2c: update": flops(a2c_algo.step, a2c_state) - a2c_roll / steps,
         "mgrl: K rollouts": cfg.inner_steps * steps * roll_step,
         "mgrl: first update + pullback (x)": flops(first_update, x, params, opt_state, batch),
-        "mgrl: K-1 updates + pullbacks (x, θ, s)": (cfg.inner_steps - 1) * flops(
-            later_update, x, params, opt_state, batch),
+        "mgrl: K-1 updates + pullbacks (x, θ, s)": (cfg.inner_steps - 1) * later,
         "mgrl: outer loss value and gradient": flops(outer, params, batch),
+        "one inner update alone": flops(update_alone, x, params, opt_state, batch),
+        "outer forward": flops(outer_forward, params, batch),
+        "one later update + pullback": later,
         "mgrl: whole step (one program)": flops(algorithm.step, state)
         + cfg.inner_steps * (steps - 1) * roll_step,
         "frames per a2c step": float(cfg.num_envs * steps),
@@ -83,6 +92,8 @@ def main() -> None:
     result = parts(args.env, args.preset)
     a2c_frames, mgrl_frames = result.pop("frames per a2c step"), result.pop("frames per mgrl step")
     whole = result.pop("mgrl: whole step (one program)")
+    update_alone, outer_forward = result.pop("one inner update alone"), result.pop("outer forward")
+    later = result.pop("one later update + pullback")
     a2c_total = result["a2c: rollout"] + result["a2c: update"]
     print(f"{args.env}, preset {args.preset}: XLA flops per step (MFLOP) and per frame (kFLOP)")
     for name, value in result.items():
@@ -90,7 +101,18 @@ def main() -> None:
         print(f"  {name:42s} {value / 1e6:9.1f} MFLOP {value / frames / 1e3:8.1f} kFLOP/frame")
     print(f"  {'mgrl: whole step (one program)':42s} {whole / 1e6:9.1f} MFLOP "
           f"{whole / mgrl_frames / 1e3:8.1f} kFLOP/frame")
-    print(f"MGRL / a2c flops per frame: {(whole / mgrl_frames) / (a2c_total / a2c_frames):.2f}x")
+    a2c_per_frame = a2c_total / a2c_frames
+    print(f"MGRL / a2c flops per frame: {(whole / mgrl_frames) / a2c_per_frame:.2f}x")
+    # A Hessian-vector product costs about twice the gradient it differentiates (each matrix
+    # product of the forward and backward pass gets a tangent with two products): the pullback of
+    # a later update against the update itself shows how close the second-order part is to that.
+    print(f"later pullback / its update: {(later - update_alone) / update_alone:.2f}x "
+          f"(update {update_alone / 1e6:.1f} MFLOP)")
+    # The one MGRL-only repetition: the outer loss's network forward at (θ_K, D_K) is repeated by
+    # the next step's first update (same θ, same observations); sharing it would save this much.
+    print(f"MGRL / a2c with the outer forward shared: "
+          f"{((whole - outer_forward) / mgrl_frames) / a2c_per_frame:.2f}x "
+          f"(outer forward {outer_forward / 1e6:.1f} MFLOP)")
 
 
 if __name__ == "__main__":
