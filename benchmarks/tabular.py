@@ -46,7 +46,7 @@ def main() -> None:
     print(f"{'K':>2} {'compile+1st (s)':>16} {'batch (s)':>10} {'per estimate (ms)':>18} "
           f"{'sampling only (ms)':>19} {'ratio':>6}")
     for steps in (1, 3):
-        ingredient = mg.Ingredient("dice", SAMPLES)
+        ingredient = mg.Source("dice", SAMPLES)
         cfg = mg.MetaGradConfig(steps=steps, lr=10.0, inner=ingredient, hessian=ingredient,
                                 outer=ingredient)
         mdps, phis = problem_set(0, cfg, MDPS)

@@ -218,7 +218,7 @@ def test_registered_surrogate_is_an_ingredient_and_a_candidate():
         with jax.enable_x64(True):
             from gmrl.envs import tabular
             mdp = tabular.random_mdp(jax.random.key(0), 4, 2)
-            cfg = mg.MetaGradConfig(steps=1, horizon=5, inner=mg.Ingredient.parse("doubled_dice:8"))
+            cfg = mg.MetaGradConfig(steps=1, horizon=5, inner=mg.Source.parse("doubled_dice:8"))
             theta = jnp.zeros((4, 2))
             values = [mg.sampled_objective(jax.random.key(1), cfg, mdp, theta, mdp.R, name, 8)
                       for name in ("dice", "doubled_dice")]
@@ -235,7 +235,7 @@ def test_registered_surrogate_is_an_ingredient_and_a_candidate():
         est.unregister("doubled_dice")
     assert "doubled_dice" not in est.ESTIMATORS
     with pytest.raises(InputError, match="unknown estimator 'doubled_dice'"):
-        mg.Ingredient.parse("doubled_dice:8")
+        mg.Source.parse("doubled_dice:8")
 
 
 def test_plugin_file_makes_a_surrogate_usable_by_gmrl_tabular(tmp_path):

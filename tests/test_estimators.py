@@ -56,7 +56,7 @@ def test_hessian_is_biased(setup, name):
 
 def test_exact_estimator_is_the_oracle(setup):
     mdp, theta, cfg = setup
-    value = mg.ingredient_objective(jax.random.key(0), cfg, mg.Ingredient("exact"), mdp, theta, mdp.R)
+    value = mg.ingredient_objective(jax.random.key(0), cfg, mg.Source("exact"), mdp, theta, mdp.R)
     V = tabular.state_values(mdp, theta)
     assert float(value) == pytest.approx(float(tabular.finite_horizon_return(mdp, theta, T, V)), abs=1e-14)
 

@@ -37,8 +37,8 @@ def test_padded_count_below_capacity_is_distributed_as_the_unpadded_estimate():
     (a mean divided by the capacity would shrink both by 4)."""
     mdp = small_mdp()
     phi = jnp.zeros((S, A))
-    padded = mg.Ingredient("dice", 16)
-    plain = mg.Ingredient("dice", 4)
+    padded = mg.Source("dice", 16)
+    plain = mg.Source("dice", 4)
     cfg = mg.MetaGradConfig(steps=1, lr=3.0, horizon=5, inner=padded, hessian=padded, outer=padded)
     a = estimates(cfg, mdp, phi, 4000, seed=1, counts=jnp.array([4, 4, 4]))
     b = estimates(dataclasses.replace(cfg, inner=plain, hessian=plain, outer=plain), mdp, phi, 4000, seed=2)
@@ -83,7 +83,7 @@ def test_sampled_hessian_ingredient_gives_the_jacobian_I_plus_alpha_H_hat():
     mdp = small_mdp()
     theta0 = np.asarray(jax.random.normal(jax.random.key(3), (S, A)))
     n, T, lr = 8, 4, 2.0
-    cfg = mg.MetaGradConfig(steps=1, lr=lr, horizon=T, hessian=mg.Ingredient("dice", n))
+    cfg = mg.MetaGradConfig(steps=1, lr=lr, horizon=T, hessian=mg.Source("dice", n))
     key = jax.random.key(7)
     estimate = np.asarray(mg.estimate_meta_gradient(key, cfg, mdp, jnp.asarray(theta0)))
 
@@ -119,14 +119,14 @@ def test_lee_bias_vanishes_under_the_finite_oracle_and_stalls_under_the_infinite
     mdp = small_mdp(5)
     phi = jnp.zeros((S, A))
     base = mg.MetaGradConfig(steps=2, lr=5.0, horizon=3, oracle="finite",
-                             hessian=mg.Ingredient("dice"), outer=mg.Ingredient("dice"))
-    small = _bias2(dataclasses.replace(base, inner=mg.Ingredient("dice", 2)), mdp, phi, 2000, "dice")
-    large = _bias2(dataclasses.replace(base, inner=mg.Ingredient("dice", 4096)), mdp, phi, 400, "dice")
+                             hessian=mg.Source("dice"), outer=mg.Source("dice"))
+    small = _bias2(dataclasses.replace(base, inner=mg.Source("dice", 2)), mdp, phi, 2000, "dice")
+    large = _bias2(dataclasses.replace(base, inner=mg.Source("dice", 4096)), mdp, phi, 400, "dice")
     assert small.value > 4 * small.se  # compositional bias at 2 samples
     assert abs(large.value) < 3 * large.se, (large.value, large.se)  # consistent with zero
     assert large.value + 3 * large.se < small.value / 20  # and much smaller
     # Against the infinite-horizon oracle the same estimator keeps a truncation bias.
-    infinite = dataclasses.replace(base, oracle="infinite", inner=mg.Ingredient("dice", 4096))
+    infinite = dataclasses.replace(base, oracle="infinite", inner=mg.Source("dice", 4096))
     truncated = stats.bias2(estimates(infinite, mdp, phi, 400, seed=4096),
                             np.asarray(mg.exact_meta_gradient(infinite, mdp, phi)).reshape(-1))
     assert truncated.value > 4 * truncated.se, (truncated.value, truncated.se)
@@ -182,9 +182,9 @@ def test_lirpg_ele_is_unbiased_for_dice_and_loaded_and_biased_for_lvc_and_maml(e
     and I + α∇²_θ L (unbiased only for dice and loaded), so lvc and maml are biased at K ≥ 2."""
     mdp = small_mdp(2)
     phi = jnp.zeros((S, A))
-    exact = mg.Ingredient(estimator)
+    exact = mg.Source(estimator)
     cfg = mg.MetaGradConfig(problem="lirpg", steps=2, lr=5.0, horizon=4, oracle="finite",
-                            inner=exact, hessian=mg.Ingredient(estimator, 16), outer=exact)
+                            inner=exact, hessian=mg.Source(estimator, 16), outer=exact)
     samples = estimates(cfg, mdp, phi, 20_000, seed=3)
     truth = np.asarray(mg.exact_meta_gradient(cfg, mdp, phi, estimator)).reshape(-1)
     (assert_biased if biased else assert_unbiased)(samples, truth)
@@ -197,9 +197,9 @@ def test_lirpg_ele_at_one_step_is_unbiased_for_every_estimator(estimator):
     give the same estimate draw by draw here: their reward-to-go sums rearrange into each other.)"""
     mdp = small_mdp(2)
     phi = jnp.zeros((S, A))
-    exact = mg.Ingredient(estimator)
+    exact = mg.Source(estimator)
     cfg = mg.MetaGradConfig(problem="lirpg", steps=1, lr=5.0, horizon=4, oracle="finite",
-                            inner=exact, hessian=mg.Ingredient(estimator, 16), outer=exact)
+                            inner=exact, hessian=mg.Source(estimator, 16), outer=exact)
     samples = estimates(cfg, mdp, phi, 20_000, seed=4)
     assert_unbiased(samples, np.asarray(mg.exact_meta_gradient(cfg, mdp, phi, estimator)).reshape(-1))
 
@@ -211,10 +211,10 @@ def test_lirpg_one_step_bias_with_gae_below_one_comes_from_a_detached_critic(cri
     (its --detach_value_gradient), the λ-discounted reward-to-go misses part of it."""
     mdp = small_mdp(2)
     phi = jnp.zeros((S, A))
-    exact = mg.Ingredient("loaded")
+    exact = mg.Source("loaded")
     cfg = mg.MetaGradConfig(problem="lirpg", steps=1, lr=5.0, horizon=4, oracle="finite", gae_lambda=0.9,
                             critic_gradient=critic_gradient, inner=exact,
-                            hessian=mg.Ingredient("loaded", 16), outer=exact)
+                            hessian=mg.Source("loaded", 16), outer=exact)
     samples = estimates(cfg, mdp, phi, 20_000, seed=5)
     truth = np.asarray(mg.exact_meta_gradient(cfg, mdp, phi, "loaded")).reshape(-1)
     (assert_biased if biased else assert_unbiased)(samples, truth)

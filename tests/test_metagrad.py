@@ -64,7 +64,7 @@ def test_straight_through_has_inner_value_and_hessian_jacobian():
 @pytest.mark.parametrize("steps", [1, 3])
 def test_code_eee_equals_the_exact_meta_gradient(kind, oracle, steps):
     mdp, phi = problem(problem=kind)
-    e = mg.Ingredient("loaded")
+    e = mg.Source("loaded")
     cfg = mg.MetaGradConfig(problem=kind, steps=steps, lr=10.0, horizon=8, oracle=oracle,
                             inner=e, hessian=e, outer=e)
     estimate = mg.estimate_meta_gradient(jax.random.key(0), cfg, mdp, phi)
@@ -75,7 +75,7 @@ def test_code_eee_equals_the_exact_meta_gradient(kind, oracle, steps):
 def test_step_value_follows_inner_and_jacobian_follows_hessian_ingredient():
     """One step with inner = exact and hessian = dice:N has exactly the exact step's value."""
     mdp, phi = problem()
-    cfg = mg.MetaGradConfig(steps=1, lr=1.0, inner=mg.Ingredient(), hessian=mg.Ingredient("dice", 64))
+    cfg = mg.MetaGradConfig(steps=1, lr=1.0, inner=mg.Source(), hessian=mg.Source("dice", 64))
     reward = mdp.R
 
     def step(theta, key):
@@ -97,7 +97,7 @@ def test_lee_approaches_the_exact_meta_gradient_as_inner_samples_grow():
     exact = mg.exact_meta_gradient(cfg, mdp, phi)
 
     def sq_errors(samples):
-        c = dataclasses.replace(cfg, inner=mg.Ingredient("dice", samples))
+        c = dataclasses.replace(cfg, inner=mg.Source("dice", samples))
         keys = jax.random.split(jax.random.key(samples), 256)
         est = jax.jit(jax.vmap(lambda k: mg.estimate_meta_gradient(k, c, mdp, phi)))(keys)
         return np.asarray(((est - exact) ** 2).sum((1, 2)))
@@ -112,8 +112,8 @@ def test_lee_approaches_the_exact_meta_gradient_as_inner_samples_grow():
 
 def test_same_seed_gives_identical_estimates():
     mdp, phi = problem()
-    cfg = mg.MetaGradConfig(steps=2, inner=mg.Ingredient("lvc", 8), hessian=mg.Ingredient("maml", 8),
-                            outer=mg.Ingredient("loaded", 8))
+    cfg = mg.MetaGradConfig(steps=2, inner=mg.Source("lvc", 8), hessian=mg.Source("maml", 8),
+                            outer=mg.Source("loaded", 8))
     f = mg.batched_estimates(cfg)
     stack = lambda x: jnp.asarray(x)[None]  # noqa: E731
     mdps, phis = jax.tree.map(stack, mdp), phi[None]
@@ -157,19 +157,19 @@ def test_bad_configurations_are_clear_errors(kwargs, message):
 ])
 def test_bad_ingredient_strings_are_clear_errors(text, message):
     with pytest.raises(InputError, match=message):
-        mg.Ingredient.parse(text)
+        mg.Source.parse(text)
 
 
 def test_ingredient_parse():
-    assert mg.Ingredient.parse("dice:32") == mg.Ingredient("dice", 32)
-    assert mg.Ingredient.parse("lvc") == mg.Ingredient("lvc", 32)
-    assert mg.Ingredient.parse("exact") == mg.Ingredient("exact", None)
+    assert mg.Source.parse("dice:32") == mg.Source("dice", 32)
+    assert mg.Source.parse("lvc") == mg.Source("lvc", 32)
+    assert mg.Source.parse("exact") == mg.Source("exact", None)
 
 
 def test_padded_sample_count_equals_the_unpadded_estimate():
     """counts = samples reproduces the plain estimate; a smaller count changes it and stays finite."""
     mdp, phi = problem()
-    d = mg.Ingredient("dice", 16)
+    d = mg.Source("dice", 16)
     cfg = mg.MetaGradConfig(steps=2, lr=3.0, horizon=6, inner=d, hessian=d, outer=d)
     key = jax.random.key(9)
     plain = mg.estimate_meta_gradient(key, cfg, mdp, phi)
@@ -182,9 +182,9 @@ def test_padded_sample_count_equals_the_unpadded_estimate():
 def test_zero_count_means_exact_ingredient():
     """counts [n, 0, 0] in an all-sampled program equals the lee code's own program."""
     mdp, phi = problem()
-    d = mg.Ingredient("loaded", 16)
+    d = mg.Source("loaded", 16)
     all_sampled = mg.MetaGradConfig(steps=2, lr=3.0, horizon=6, inner=d, hessian=d, outer=d)
-    lee = dataclasses.replace(all_sampled, hessian=mg.Ingredient("loaded"), outer=mg.Ingredient("loaded"))
+    lee = dataclasses.replace(all_sampled, hessian=mg.Source("loaded"), outer=mg.Source("loaded"))
     key = jax.random.key(2)
     np.testing.assert_allclose(
         mg.estimate_meta_gradient(key, all_sampled, mdp, phi, jnp.array([16, 0, 0])),

@@ -160,8 +160,8 @@ def test_lee_is_the_same_computation_for_loaded_lvc_and_maml():
     phi = jax.random.normal(jax.random.key(1), (4, 2))
     results = {}
     for name in st.SAME_INNER_GRADIENT + ("dice",):
-        cfg = mg.MetaGradConfig(steps=2, lr=3.0, horizon=5, inner=mg.Ingredient(name, 8),
-                                hessian=mg.Ingredient(name), outer=mg.Ingredient(name))
+        cfg = mg.MetaGradConfig(steps=2, lr=3.0, horizon=5, inner=mg.Source(name, 8),
+                                hessian=mg.Source(name), outer=mg.Source(name))
         results[name] = np.asarray(mg.estimate_meta_gradient(jax.random.key(2), cfg, mdp, phi))
     for name in st.SAME_INNER_GRADIENT:
         np.testing.assert_allclose(results[name], results["maml"], rtol=1e-10, atol=1e-13)

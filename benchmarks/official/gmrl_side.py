@@ -41,7 +41,7 @@ INGREDIENTS = ("inner", "hessian", "outer")
 def config_from(spec: dict) -> mg.MetaGradConfig:
     fields = {k: v for k, v in spec.items() if k not in INGREDIENTS}
     for name in INGREDIENTS:
-        fields[name] = mg.Ingredient.parse(spec.get(name, "exact"))
+        fields[name] = mg.Source.parse(spec.get(name, "exact"))
     return mg.MetaGradConfig(**fields)
 
 

@@ -46,7 +46,7 @@ Array = jax.Array
 BUILTIN = ("dice", "loaded", "lvc", "maml")
 """The surrogates defined in this module. `ESTIMATORS`, `SAMPLED_ESTIMATORS` and `USES_CRITIC`
 are computed from the registry at every access (module `__getattr__`), so registered surrogates
-appear wherever an estimator is chosen (`metagrad.Ingredient`, `gmrl tabular`, `gmrl check`)."""
+appear wherever an estimator is chosen (`core.Source`, `gmrl tabular`, `gmrl check`)."""
 
 PLUGIN_VARIABLE = "GMRL_ESTIMATORS"
 """Environment variable: comma-separated `.py` files or module names imported (once, at the first
@@ -184,7 +184,7 @@ _plugins_loaded = False
 
 def register(name: str, fn: Callable[..., Array], *, uses_critic: bool,
              overwrite: bool = False) -> Callable[..., Array]:
-    """Add the surrogate `fn` under `name`, usable as any ingredient (`metagrad.Ingredient(name,
+    """Add the surrogate `fn` under `name`, usable as any ingredient (`core.Source(name,
     N)`, `gmrl tabular --inner NAME:N`) and as a candidate explanation in `gmrl check`.
 
     `fn` works on ONE trajectory like `dice`/`lvc` above and returns a scalar []; gmrl calls it with

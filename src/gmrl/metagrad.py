@@ -1,96 +1,35 @@
-"""Exact and decomposed stochastic K-step meta-gradients for tabular MDPs (docs/design.md).
+"""The tabular MAML and LIRPG meta-problems, instances of `gmrl.core` (docs/design.md).
 
 Problems (θ: policy logits [S, A]; φ: meta-parameters [S, A]):
   maml   θ_0 = φ;              J_in = J_out = J (reward R)
   lirpg  θ_0 = 0 (fixed);      J_in uses reward R + φ (intrinsic reward); J_out uses R
 Inner update θ_{k+1} = θ_k + α ∇_θ J_in(θ_k); meta-gradient d/dφ J_out(θ_K(φ)).
 
-The decomposed estimate (Liu, Feng et al. 2022, "A Theoretical Understanding of Gradient Bias in
-Meta-Reinforcement Learning", §4) uses three independent ingredients, each an (estimator, sample
-size) pair: `inner` moves θ forward (no derivative), `hessian` supplies the Jacobian of each step
-through `straight_through`, `outer` is the final objective at θ̂_K.
-
-α, the number of active steps K and the injected Hessian error c may be traced (`Hyper`): the
-static `MetaGradConfig.steps` is then the loop length K_max and steps k >= K are skipped with
-`lax.cond`, so that one compiled program serves a whole sweep over α, K ≤ K_max and c.
+`problem(cfg, mdp)` is the `core.MetaProblem`; the exact meta-gradient and the decomposed estimate
+(Liu, Feng et al. 2022, "A Theoretical Understanding of Gradient Bias in Meta-Reinforcement
+Learning", §4) are `core.unroll` with the configuration's three sources: `inner` (the step's value),
+`hessian` (its Jacobian) and `outer`. α, the number of active steps K and the injected Hessian error
+c may be traced (`core.Hyper`): the static `MetaGradConfig.steps` is then the loop length K_max.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gmrl import core
 from gmrl import estimators as est
+from gmrl.core import Hyper, Source, masked_scan, step_keys, straight_through  # noqa: F401 (re-exported)
 from gmrl.envs import tabular
-from gmrl.errors import InputError, require
+from gmrl.errors import require
 
 Array = jax.Array
 
 PROBLEMS = ("maml", "lirpg")
 ORACLES = ("infinite", "finite")
-
-
-def straight_through(value, differentiable):
-    """`value` in the forward pass, the derivative of `differentiable` in the backward pass.
-
-    Returns sg(value) + differentiable − sg(differentiable) (pytrees of equal structure). docs/design.md:
-    with value = θ + α ĝ_in and differentiable = θ + α ∇L_H(θ), the step has the inner estimate's
-    value and the Jacobian I + α ∇²L_H of the Hessian estimate.
-    """
-    return jax.tree.map(
-        lambda v, d: lax.stop_gradient(v) + d - lax.stop_gradient(d), value, differentiable
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Ingredient:
-    """One ingredient of the decomposed estimate: an estimator and its number of trajectories.
-
-    samples=None means the exact expectation of that estimator's surrogate: the closed-form J for
-    the infinite oracle, or J_T with the estimator's bootstrap for the finite oracle.
-    """
-
-    estimator: str = "exact"
-    samples: int | None = None
-
-    def __post_init__(self):
-        require(self.estimator in est.ESTIMATORS,
-                f"unknown estimator {self.estimator!r}; allowed: {', '.join(est.ESTIMATORS)}")
-        if self.samples is not None:
-            require(isinstance(self.samples, int) and not isinstance(self.samples, bool)
-                    and self.samples >= 1,
-                    f"the sample size of {self.estimator!r} must be an integer >= 1, "
-                    f"got {self.samples!r}")
-
-    @property
-    def is_exact(self) -> bool:
-        return self.samples is None or self.estimator == "exact"
-
-    def __str__(self) -> str:
-        return "exact" if self.is_exact and self.estimator == "exact" else (
-            f"{self.estimator}:{'exact' if self.samples is None else self.samples}")
-
-    @classmethod
-    def parse(cls, text: str, default_samples: int = 32) -> Ingredient:
-        """`exact`, `NAME` (default sample size) or `NAME:N`, e.g. `dice:32`."""
-        name, _, count = text.strip().partition(":")
-        if name == "exact":
-            require(not count, f"'exact' takes no sample size, got {text!r}")
-            return cls("exact", None)
-        require(name in est.SAMPLED_ESTIMATORS,
-                f"unknown estimator {name!r} in {text!r}; allowed: {', '.join(est.ESTIMATORS)}")
-        if not count:
-            return cls(name, default_samples)
-        try:
-            samples = int(count)
-        except ValueError:
-            raise InputError(f"sample size in {text!r} must be an integer >= 1") from None
-        require(samples >= 1, f"sample size in {text!r} must be an integer >= 1, got {samples}")
-        return cls(name, samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +49,9 @@ class MetaGradConfig:
     lr: float = 10.0
     horizon: int = 20
     noise: float = 1.0
-    inner: Ingredient = Ingredient()
-    hessian: Ingredient = Ingredient()
-    outer: Ingredient = Ingredient()
+    inner: Source = Source()
+    hessian: Source = Source()
+    outer: Source = Source()
     oracle: str = "infinite"
     loaded_lambda: float = 1.0
     gae_lambda: float = 1.0
@@ -134,10 +73,10 @@ class MetaGradConfig:
             require(_finite(value) and 0 <= value <= 1, f"{name} must be in [0, 1], got {value}")
         require(_finite(self.hessian_error), f"hessian_error must be finite, got {self.hessian_error}")
 
-    def exact(self) -> MetaGradConfig:
-        """The same configuration with every ingredient exact (keeping its estimator's oracle)."""
-        return dataclasses.replace(
-            self, **{n: Ingredient(getattr(self, n).estimator) for n in ("inner", "hessian", "outer")})
+    @property
+    def parts(self) -> core.Decomposition:
+        """The (value, jacobian, outer) sources of the decomposed estimate."""
+        return core.Decomposition(self.inner, self.hessian, self.outer)
 
 
 def _finite(x) -> bool:
@@ -157,8 +96,8 @@ def estimate_bytes(cfg: MetaGradConfig, estimates: int) -> int:
     """A rough upper estimate of the memory `estimates` vmapped decomposed estimates need: about 200
     bytes per sampled (trajectory, time step) — indices, log-probs, rewards, critic values,
     advantages and their cotangents — for each of the 2K + 1 sampled ingredients."""
-    per_step = sum(0 if i.is_exact else i.samples for i in (cfg.inner, cfg.hessian))
-    trajectories = cfg.steps * per_step + (0 if cfg.outer.is_exact else cfg.outer.samples)
+    per_step = sum(i.samples or 0 for i in (cfg.inner, cfg.hessian) if not i.is_exact)
+    trajectories = cfg.steps * per_step + (0 if cfg.outer.is_exact else cfg.outer.samples or 0)
     return 200 * estimates * trajectories * cfg.horizon
 
 
@@ -190,38 +129,9 @@ def initial_meta_params(key: Array, mdp: tabular.TabularMDP, problem: str,
     return theta0
 
 
-class Hyper(NamedTuple):
-    """Per-point hyper-parameters that may be traced: α, active steps K (≤ cfg.steps), error c."""
-
-    lr: Array | float
-    steps: Array | int
-    hessian_error: Array | float
-
-
 def config_hyper(cfg: MetaGradConfig) -> Hyper:
     """The configuration's own α, K and c as a `Hyper`."""
     return Hyper(cfg.lr, cfg.steps, cfg.hessian_error)
-
-
-def step_keys(key: Array, num_steps: int) -> tuple[Array, Array]:
-    """(keys of steps 0..num_steps-1 [num_steps], key of the outer ingredient).
-
-    Step k's key is fold_in(·, k), so it does not depend on num_steps (the loop length K_max).
-    """
-    key_steps, key_outer = jax.random.split(key)
-    return jax.vmap(lambda k: jax.random.fold_in(key_steps, k))(jnp.arange(num_steps)), key_outer
-
-
-def masked_scan(step, theta: Array, xs, active_steps) -> Array:
-    """θ after applying `step(θ, x)` for the first `active_steps` of the xs (lax.cond skips the rest)."""
-    def body(carry, inputs):
-        k, x = inputs
-        theta = lax.cond(k < active_steps, step, lambda th, _: th, carry, x)
-        return theta, None
-
-    length = jax.tree.leaves(xs)[0].shape[0]
-    theta, _ = lax.scan(body, theta, (jnp.arange(length), xs))
-    return theta
 
 
 def initial_theta(cfg: MetaGradConfig, phi: Array) -> Array:
@@ -291,7 +201,7 @@ def sampled_objective(key: Array, cfg: MetaGradConfig, mdp: tabular.TabularMDP, 
     return jnp.sum(jnp.where(jnp.arange(samples) < count, values, 0.0)) / count
 
 
-def ingredient_objective(key: Array, cfg: MetaGradConfig, ingredient: Ingredient,
+def ingredient_objective(key: Array, cfg: MetaGradConfig, ingredient: Source,
                          mdp: tabular.TabularMDP, theta: Array, reward: Array,
                          count: Array | None = None) -> Array:
     """The exact or sampled objective of one ingredient at θ. Returns [].
@@ -312,6 +222,21 @@ def ingredient_objective(key: Array, cfg: MetaGradConfig, ingredient: Ingredient
         lambda: exact_objective(cfg, mdp, theta, reward, ingredient.estimator))
 
 
+def problem(cfg: MetaGradConfig, mdp: tabular.TabularMDP) -> core.MetaProblem:
+    """MAML or LIRPG on `mdp` as a `core.MetaProblem` (θ, φ: [S, A]).
+
+    init: θ_0 = φ (maml) or 0 (lirpg); a step is α ∇_θ of the source's objective with the inner
+    reward (R, or R + φ for lirpg); the outer objective uses R. Sources are `ingredient_objective`.
+    """
+    def objective(key, source, theta, phi, count):
+        return ingredient_objective(key, cfg, source, mdp, theta, inner_reward(cfg, mdp, phi), count)
+
+    def outer(key, source, theta, phi, count=None):
+        return ingredient_objective(key, cfg, source, mdp, theta, mdp.R, count)
+
+    return core.MetaProblem(lambda phi: initial_theta(cfg, phi), core.gradient_increment(objective), outer)
+
+
 def exact_meta_gradient(cfg: MetaGradConfig, mdp: tabular.TabularMDP, phi: Array,
                         estimator: str = "exact", hyper: Hyper | None = None) -> Array:
     """d/dφ J_out(θ_K(φ)) with exact inner steps, by autodiff through K steps. [S, A] -> [S, A].
@@ -319,16 +244,8 @@ def exact_meta_gradient(cfg: MetaGradConfig, mdp: tabular.TabularMDP, phi: Array
     `estimator` picks the finite oracle's bootstrap (ignored for the infinite oracle); `hyper`
     (optional, traced) replaces α, K ≤ cfg.steps.
     """
-    lr, steps, _ = config_hyper(cfg) if hyper is None else hyper
-    inner_grad = jax.grad(lambda th, r: exact_objective(cfg, mdp, th, r, estimator))
-
-    def outer(phi):
-        reward = inner_reward(cfg, mdp, phi)
-        theta = masked_scan(lambda th, _: th + lr * inner_grad(th, reward), initial_theta(cfg, phi),
-                            jnp.zeros(cfg.steps), steps)
-        return exact_objective(cfg, mdp, theta, mdp.R, estimator)
-
-    return jax.grad(outer)(phi)
+    hyper = config_hyper(cfg) if hyper is None else hyper
+    return core.exact_meta_gradient(problem(cfg, mdp), phi, hyper, cfg.steps, estimator)
 
 
 def estimate_meta_gradient(key: Array, cfg: MetaGradConfig, mdp: tabular.TabularMDP,
@@ -336,46 +253,16 @@ def estimate_meta_gradient(key: Array, cfg: MetaGradConfig, mdp: tabular.Tabular
                            hyper: Hyper | None = None) -> Array:
     """One decomposed stochastic meta-gradient estimate (Liu, Feng et al. 2022, §4). [S, A] -> [S, A].
 
-    θ̂_{k+1} = straight_through(θ̂_k + α ĝ_k, θ̂_k + α ∇L_H(θ̂_k)), ĝ_k = ∇L_in(sg θ̂_k); then
-    d/dφ L_out(θ̂_K). Every ingredient samples from π_{θ̂_k} with its own key (`step_keys`).
-    `counts` [3] (traced ints, optional): the trajectories actually used by inner, hessian and
-    outer, each at most the ingredient's `samples` (its padded capacity); 0 means exact.
-    `hyper` (optional, traced): α, active steps K ≤ cfg.steps and the injected error c. When
-    cfg.hessian_error ≠ 0, mean(θ² ⊙ E), E = c + 0.3·N(0, 1) (E = 0 where c = 0), is added to the
-    Hessian ingredient's objective (the reference study's injected Hessian error).
+    `core.meta_gradient` with the sources (cfg.inner, cfg.hessian, cfg.outer): every part samples
+    from π_{θ̂_k} with its own key (`core.step_keys`). `counts` [3] (traced ints, optional): the
+    trajectories actually used by inner, hessian and outer, each at most the source's `samples`
+    (its padded capacity); 0 means exact. `hyper` (optional, traced): α, active steps K ≤ cfg.steps
+    and the injected error c. When cfg.hessian_error ≠ 0, mean(θ² ⊙ E), E = c + 0.3·N(0, 1) (E = 0
+    where c = 0), is added to the Hessian part's objective (the reference study's injected error).
     """
-    if counts is None:
-        counts = (None, None, None)
-    lr, steps, error_scale = config_hyper(cfg) if hyper is None else hyper
-    with_error = bool(cfg.hessian_error)  # static: the term exists; its scale c may be traced
-
-    def hessian_objective(step_key, theta, reward):
-        key_h, key_e = jax.random.split(step_key)
-        value = ingredient_objective(key_h, cfg, cfg.hessian, mdp, theta, reward, counts[1])
-        if with_error:
-            noise = jax.random.normal(key_e, theta.shape, theta.dtype)
-            error = jnp.where(error_scale != 0, error_scale + 0.3 * noise, 0.0)
-            value = value + jnp.mean(theta**2 * error)
-        return value
-
-    def inner_objective(step_key, theta, reward):
-        return ingredient_objective(step_key, cfg, cfg.inner, mdp, theta, reward, counts[0])
-
-    def outer(phi, key):
-        reward = inner_reward(cfg, mdp, phi)
-        keys, key_outer = step_keys(key, cfg.steps)
-
-        def step(theta, step_key):
-            key_in, key_h = jax.random.split(step_key)
-            g_in = jax.grad(inner_objective, argnums=1)(
-                key_in, lax.stop_gradient(theta), lax.stop_gradient(reward))
-            g_h = jax.grad(hessian_objective, argnums=1)(key_h, theta, reward)
-            return straight_through(theta + lr * g_in, theta + lr * g_h)
-
-        theta = masked_scan(step, initial_theta(cfg, phi), keys, steps)
-        return ingredient_objective(key_outer, cfg, cfg.outer, mdp, theta, mdp.R, counts[2])
-
-    return jax.grad(outer)(phi, key)
+    hyper = config_hyper(cfg) if hyper is None else hyper
+    return core.meta_gradient(problem(cfg, mdp), cfg.parts, key, phi, hyper, cfg.steps, counts,
+                              with_error=bool(cfg.hessian_error))
 
 
 def batched_estimates(cfg: MetaGradConfig):

@@ -7,7 +7,7 @@ return, θ^j_{k+1} = θ^j_k + α ∇_j J_j(θ^i, θ^j_k); its outer objective is
 meta-gradient d/dθ^i J_i(θ^i, θ^j_K(θ^i)) moves θ^i by Adam.
 
 Each inner step is composed as in the decomposed estimate (docs/design.md, "The decomposed
-estimate"; Liu, Feng et al. 2022, §4) with `metagrad.straight_through`: the compositional
+estimate"; Liu, Feng et al. 2022, §4) with `core.straight_through`: the compositional
 part (the step's value) and the Hessian part (its Jacobian in θ^i) each come from the exact value or
 from a DiCE estimate on their own batch (on-policy, or an importance-weighted replay). Sampled
 returns use the DiCE surrogate over the joint trajectory (both players' log-probs are stochastic
@@ -32,9 +32,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gmrl import estimators, stats
+from gmrl.core import straight_through
 from gmrl.envs import ipd
 from gmrl.errors import require
-from gmrl.metagrad import straight_through
 
 Array = jax.Array
 BASELINES = ("return", "reference")

@@ -49,8 +49,8 @@ import numpy as np
 from jax import lax
 
 from gmrl import estimators as est
+from gmrl.core import straight_through
 from gmrl.envs import tabular
-from gmrl.metagrad import straight_through
 
 Array = jax.Array
 

@@ -82,8 +82,8 @@ def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, act
     """Exact vs decomposed meta-gradient estimates on tabular MDPs (docs/design.md)."""
     cfg = mg.MetaGradConfig(
         problem=problem, steps=steps, lr=lr, horizon=horizon, noise=noise,
-        inner=mg.Ingredient.parse(inner), hessian=mg.Ingredient.parse(hessian),
-        outer=mg.Ingredient.parse(outer), oracle=oracle, loaded_lambda=loaded_lambda,
+        inner=mg.Source.parse(inner), hessian=mg.Source.parse(hessian, jacobian=True),
+        outer=mg.Source.parse(outer), oracle=oracle, loaded_lambda=loaded_lambda,
         critic_gradient=critic_gradient)
     require(repeats >= 3, f"--repeats must be >= 3 (bias2 needs 3), got {repeats}")
     require(out is None or out.suffix == ".json", f"--out must name a .json file, got {out}")

@@ -29,10 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from gmrl import core, stats
 from gmrl import metagrad as mg
-from gmrl import stats
 from gmrl.errors import require
 from gmrl.evaluate import oracle_estimator, problem_set
 from gmrl.sweep import Grid
@@ -175,7 +174,7 @@ def metagrad_config(config: Mapping[str, Any]) -> mg.MetaGradConfig:
             f"a code is 3 letters from e, l (inner-hessian-outer), got {letters!r}")
     require(1 <= config["steps"] <= config["max_steps"],
             f"steps must be in 1..max_steps ({config['max_steps']}), got {config['steps']}")
-    ingredients = [mg.Ingredient(config["estimator"], config["capacity"])] * 3
+    ingredients = [mg.Source(config["estimator"], config["capacity"])] * 3
     return mg.MetaGradConfig(
         problem=config["problem"], steps=int(config["max_steps"]), lr=1.0,
         horizon=int(config["horizon"]), noise=float(config["noise"]), inner=ingredients[0],
@@ -241,7 +240,7 @@ def _estimate_program(cfg: mg.MetaGradConfig):
 def _exact_program(cfg: mg.MetaGradConfig):
     """Exact meta-gradients; one program per (problem, oracle, bootstrap, T), K ≤ EXACT_MAX_STEPS."""
     estimator = oracle_estimator(cfg)
-    exact = mg.Ingredient(estimator if cfg.oracle == "finite" else "exact")
+    exact = mg.Source(estimator if cfg.oracle == "finite" else "exact")
     canonical = dataclasses.replace(cfg, inner=exact, hessian=exact, outer=exact, noise=1.0,
                                     steps=max(cfg.steps, EXACT_MAX_STEPS), gae_lambda=1.0,
                                     hessian_error=0.0)
@@ -271,33 +270,17 @@ def _in_blocks(program, keys, *args) -> np.ndarray:
 def inner_path_error(key: jax.Array, cfg: mg.MetaGradConfig, mdp, phi: jax.Array,
                      count: jax.Array, hyper: mg.Hyper | None = None) -> jax.Array:
     """‖θ̂_k − θ_k‖² for k = 1..K_max: sampled inner steps (cfg.inner, first `count` trajectories)
-    against the exact inner path, both from θ_0; entries k > K (hyper.steps) repeat the K-th.
-    Returns [cfg.steps].
+    against the exact inner path, both from θ_0 (`core.inner_path`); entries k > K (hyper.steps)
+    repeat the K-th. Returns [cfg.steps].
 
-    Uses the same step keys as `metagrad.estimate_meta_gradient`, so θ̂_k is the inner path of the
-    estimate computed with the same key.
+    Uses the same step keys as `core.unroll`, so θ̂_k is the inner path of the estimate computed
+    with the same key.
     """
-    lr, steps, _ = mg.config_hyper(cfg) if hyper is None else hyper
-    reward = mg.inner_reward(cfg, mdp, phi)
-    exact_inner = dataclasses.replace(cfg.inner, samples=None)
-    keys, _ = mg.step_keys(key, cfg.steps)
-
-    def step(carry, inputs):
-        k, step_key = inputs
-        theta_hat, theta = carry
-        key_in, _ = jax.random.split(step_key)
-        g_hat = jax.grad(lambda th: mg.ingredient_objective(
-            key_in, cfg, cfg.inner, mdp, th, reward, count))(theta_hat)
-        g = jax.grad(lambda th: mg.ingredient_objective(
-            key_in, cfg, exact_inner, mdp, th, reward))(theta)
-        active = k < steps
-        theta_hat = jnp.where(active, theta_hat + lr * g_hat, theta_hat)
-        theta = jnp.where(active, theta + lr * g, theta)
-        return (theta_hat, theta), jnp.sum((theta_hat - theta) ** 2)
-
-    theta0 = mg.initial_theta(cfg, phi)
-    _, errors = lax.scan(step, (theta0, theta0), (jnp.arange(cfg.steps), keys))
-    return errors
+    hyper = mg.config_hyper(cfg) if hyper is None else hyper
+    problem = mg.problem(cfg, mdp)
+    sampled = core.inner_path(problem, cfg.inner, key, phi, hyper, cfg.steps, count)
+    exact = core.inner_path(problem, dataclasses.replace(cfg.inner, samples=None), key, phi, hyper, cfg.steps)
+    return jnp.sum((sampled - exact) ** 2, axis=(1, 2))
 
 
 def batch_points(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
