@@ -728,7 +728,7 @@ def test_study_keeps_snapshots_diagnoses_the_mgrl_runs_and_resumes(tmp_path, mon
         algorithm, _ = runs.algorithm_of(point)
         for frames in logged[:3]:  # each snapshot holds its log point's state
             states, steps = checkpoint.restore(run_dir / runs.SNAPSHOTS / f"{frames}.msgpack",
-                                               mgrl_bias._state_template(algorithm, 2))
+                                               runs.state_template(algorithm, 2))
             assert algorithm.init_frames + steps * algorithm.frames_per_step == frames
             assert np.all(np.asarray(states.opt_state.count) == steps)
             expected_calls.append((point["algo"] == "mgrl-lvc", steps))

@@ -24,6 +24,7 @@ from gmrl.algos import a2c, mgrl, mgrl_bias, presets
 from gmrl.algos.a2c import Batch
 from gmrl.algos.networks import Network
 from gmrl.errors import InputError
+from gmrl.runs import mgrl as mgrl_runs
 
 # --------------------------------------------------------------------------- a tiny MDP
 
@@ -318,7 +319,6 @@ def _write_run(folder, with_checkpoint=True, initial=False):
     differing per seed."""
     from gmrl.io import atomic_write_json
     from gmrl.runs import checkpoint
-    from gmrl.runs import mgrl as mgrl_runs
     from gmrl.store import config_key
 
     point = mgrl_runs.run_config("mgrl", "CartPole-v1", 1000, 2, 7, 1,
@@ -330,7 +330,7 @@ def _write_run(folder, with_checkpoint=True, initial=False):
         return point, None
     algorithm, _ = mgrl_runs.algorithm_of(point)
     states = (a2c.init_seeds(algorithm, jax.random.key(7), 2) if initial
-              else mgrl_bias._state_template(algorithm, 2))
+              else mgrl_runs.state_template(algorithm, 2))
     states = states._replace(meta_logits=states.meta_logits + jnp.array([[0.0], [1.0]]))
     checkpoint.save(folder / "checkpoint.msgpack", states, 3)
     return point, states
@@ -339,11 +339,11 @@ def _write_run(folder, with_checkpoint=True, initial=False):
 def test_load_run_state_reads_the_checkpoint_of_one_seed(tmp_path):
     folder = tmp_path / "run"
     point, states = _write_run(folder)
-    loaded_point, config, state = mgrl_bias.load_run_state(folder, seed_index=1)
+    loaded_point, config, state = mgrl_runs.load_run_state(folder, seed_index=1)
     assert loaded_point == point and config.num_envs == 2 and config.inner_steps == 1
     np.testing.assert_array_equal(state.meta_logits, states.meta_logits[1])
     with pytest.raises(InputError, match="seed-index"):
-        mgrl_bias.load_run_state(folder, seed_index=2)
+        mgrl_runs.load_run_state(folder, seed_index=2)
 
 
 def _invoke(args):

@@ -35,6 +35,7 @@ from gmrl import estimators, stats
 from gmrl.core import straight_through
 from gmrl.envs import ipd
 from gmrl.errors import require
+from gmrl.problems import lola as lola_problem
 
 Array = jax.Array
 BASELINES = ("return", "reference")
@@ -103,11 +104,6 @@ class LolaConfig:
     @property
     def off_policy(self) -> bool:
         return self.comp_off_policy or self.hessian_off_policy
-
-    @property
-    def fresh_size(self) -> int:
-        """Episodes added to the replay per inner step."""
-        return self.comp if self.comp_off_policy else self.hessian
 
     @property
     def shared_inner(self) -> bool:
@@ -348,25 +344,11 @@ def exact_lola_gradients(thetas: Array, cfg: LolaConfig, horizon: int | None = N
     """Both players' exact LOLA meta-gradients at thetas [2, 5], in float64. Returns [2, 5].
 
     The oracle of the infinite game (the reference's) or, with `horizon`, of the first `horizon`
-    steps (what a sampled estimate from `horizon`-step episodes is unbiased for).
+    steps (what a sampled estimate from `horizon`-step episodes is unbiased for): the core's exact
+    meta-gradient of the LOLA problem (`gmrl.problems.lola`).
     """
-    exact = cfg.exact_part
-    dummy_values = jnp.zeros_like(thetas)
-
-    def objective(theta, player, theta_opp):
-        if horizon is None:
-            return meta_objective(theta, player, theta_opp, dummy_values, jax.random.key(0),
-                                  None, exact)[0]
-        look = theta_opp
-        for _ in range(cfg.lookaheads):
-            look = look + cfg.inner_lr * jax.grad(lambda t: exact_return(
-                *_ordered(player, theta, t), 1 - player, cfg.gamma, horizon))(look)
-        return exact_return(*_ordered(player, theta, look), player, cfg.gamma, horizon)
-
-    with jax.enable_x64(True):
-        thetas64 = thetas.astype(jnp.float64)
-        grads = [jax.grad(objective)(thetas64[p], p, thetas64[1 - p]) for p in (0, 1)]
-        return jnp.stack(grads).astype(thetas.dtype)
+    return lola_problem.exact_gradients(thetas, cfg.inner_lr, cfg.lookaheads, cfg.gamma,
+                                        horizon).astype(thetas.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

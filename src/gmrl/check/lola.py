@@ -61,6 +61,7 @@ from gmrl.check.run import CheckResult
 from gmrl.check.task import Recorder, SampleError, _as_numpy, _check_size
 from gmrl.envs import ipd
 from gmrl.errors import require
+from gmrl.problems import lola as lola_problem
 
 SHAPE = (2, ipd.NUM_STATES)
 EXPECTED = "[2, 5] (both players' gradients)"
@@ -216,12 +217,9 @@ def _values(theta1, theta2, gamma, horizon):
 
 
 def exact_lola(thetas: jax.Array, gamma, lr: float, horizon: int) -> jax.Array:
-    """Both players' exact LOLA gradients (1) of the T-step returns at thetas [2, 5]. [2, 5]."""
-    def objective(theta_i, i):
-        j = 1 - i
-        step = jax.grad(lambda t: _values(*_ordered(i, theta_i, t), gamma, horizon)[j])(thetas[j])
-        return _values(*_ordered(i, theta_i, thetas[j] + lr * step), gamma, horizon)[i]
-    return jnp.stack([jax.grad(objective)(thetas[i], i) for i in (0, 1)])
+    """Both players' exact LOLA gradients (1) of the T-step returns at thetas [2, 5]. [2, 5]
+    (`gmrl.problems.lola.exact_gradients` with one look-ahead step)."""
+    return lola_problem.exact_gradients(thetas, lr, 1, gamma, horizon)
 
 
 @functools.lru_cache(maxsize=4)

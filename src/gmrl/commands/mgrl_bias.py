@@ -66,8 +66,9 @@ def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multipli
     import jax
 
     from gmrl.algos import mgrl_bias
+    from gmrl.runs import mgrl as mgrl_runs
 
-    point, config, state = mgrl_bias.load_run_state(run_dir, seed_index, initial, snapshot)
+    point, config, state = mgrl_runs.load_run_state(run_dir, seed_index, initial, snapshot)
     settings = mgrl_bias.BiasSettings(repeats, ref_multiplier, ref_parts, dice_multiplier, bootstrap)
     result = mgrl_bias.diagnose(config, state, jax.random.key(seed), settings, names, inner_steps,
                                 inner_lr)

@@ -28,7 +28,6 @@ PLAYERS = (1, 2)
 STATE_NAMES = ("start", "CC", "CD", "DC", "DD")
 EARLY_UPDATES = 50
 """Updates averaged for the early-correlation figure (all variants start from the same policies)."""
-Z95 = 1.959963984540054
 
 
 def parse_source(text: str | None, option: str) -> int | None:

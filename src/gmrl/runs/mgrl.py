@@ -566,7 +566,7 @@ def diagnose_snapshots(out: Path, points: Sequence[Mapping[str, Any]], settings=
             entry = json.loads((target / "bias.json").read_text(encoding="utf-8"))
         else:
             started = time.perf_counter()
-            _, config, state = mgrl_bias.load_run_state(run_dir, 0, snapshot=frames)
+            _, config, state = load_run_state(run_dir, 0, snapshot=frames)
             result = mgrl_bias.diagnose(config, state, jax.random.key(frames), settings)
             entry = {"frames": frames, "result": result,
                      "seconds": time.perf_counter() - started}
@@ -593,3 +593,71 @@ def run_study(out: Path, games: Sequence[str], frames: int | None, seeds: int, l
     bias = diagnose_snapshots(out, points, bias_settings, progress=progress)
     plot_study(out, by_run, games)
     return io.atomic_write_text(out / "report.md", report(by_run, games, out, bias))
+
+
+# --------------------------------------------------------------------------- run folders
+
+def load_run_state(run_dir, seed_index: int = 0, initial: bool = False,
+                   snapshot: int | None = None):
+    """(run point, MGRLConfig, MGRLState of one seed) from a folder of `gmrl mgrl --out RUN_DIR`:
+    run.json (or config.json) and checkpoint.msgpack; `initial` gives the state before training,
+    `snapshot` the state kept at that many frames (`gmrl.runs.mgrl.SNAPSHOT_FRACTIONS`)."""
+    import json
+
+    import jax
+
+    from gmrl.algos import a2c
+    from gmrl.algos.mgrl_bias import ESTIMATORS
+    from gmrl.runs import checkpoint
+
+    run_dir = Path(run_dir)
+    require(run_dir.is_dir(), f"{run_dir} is not a folder; give a run folder written by "
+                              "`gmrl mgrl --out RUN_DIR`")
+    point = None
+    for name in (STATE, "config.json"):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                point = json.loads(path.read_text(encoding="utf-8")).get("config")
+            except (OSError, ValueError, AttributeError):
+                point = None
+            if isinstance(point, dict):
+                break
+    require(isinstance(point, dict) and point.get("study") == "mgrl",
+            f"{run_dir} holds no MGRL run (run.json or config.json of `gmrl mgrl --out`)")
+    require(point.get("algo") in ESTIMATORS,
+            f"{run_dir} holds a run of {point.get('algo')!r}; allowed: {', '.join(ESTIMATORS)}")
+    algorithm, config = algorithm_of(point)
+    require(0 <= seed_index < point["seeds"],
+            f"--seed-index must lie in [0, {point['seeds']}), got {seed_index}")
+    require(not (initial and snapshot is not None), "give --initial or --snapshot, not both")
+    if initial:
+        states = a2c.init_seeds(algorithm, jax.random.key(point["seed"]), point["seeds"])
+    elif snapshot is not None:
+        kept = snapshot_frames(run_dir)
+        require(snapshot in kept, f"{run_dir} keeps no snapshot at {snapshot} frames; kept: "
+                                  f"{', '.join(map(str, kept)) or 'none'}")
+        states, _ = checkpoint.restore(run_dir / SNAPSHOTS / f"{snapshot}.msgpack",
+                                       state_template(algorithm, point["seeds"]))
+    else:
+        require((run_dir / CHECKPOINT).is_file(),
+                f"{run_dir} has no {CHECKPOINT} (the run saves one at each log point)")
+        states, _ = checkpoint.restore(run_dir / CHECKPOINT,
+                                       state_template(algorithm, point["seeds"]))
+    return point, config, jax.tree.map(lambda v: v[seed_index], states)
+
+
+def state_template(algorithm, seeds: int):
+    import jax
+
+    """Arrays shaped like `seeds` initial states (from `jax.eval_shape`: nothing is compiled)."""
+    shapes = jax.eval_shape(lambda k: jax.vmap(algorithm.init)(jax.random.split(k, seeds)),
+                            jax.random.key(0))
+
+    def like(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            flat = jax.random.split(jax.random.key(0), max(1, int(np.prod(leaf.shape))))
+            return flat.reshape(leaf.shape)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree.map(like, shapes)

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from gmrl.errors import require
+from gmrl.stats import Z95
 from gmrl.store import ResultStore
 from gmrl.studies.tabular import LINES, PANELS, X_AXIS
 
-Z95 = 1.959963984540054
 METRICS = ("bias2", "corr", "std_sum", "mse_of_mean")
 LOG_X = {"samples"}
 
