@@ -30,14 +30,15 @@ other candidates orthogonal to μ̂, which ĉ μ̂ does not touch (so no paramet
 
 The decision (one look). Every hypothesis is tested at one level α_j. The consistent labels
 are those of the hypotheses not rejected (`scaled` only when its ĉ's interval at that level
-excludes 1); the label is decisive when exactly one label is consistent, `unexplained` when none
+excludes 1 and 0); the label is decisive when exactly one label is consistent, `unexplained` when none
 is, and `undetermined` (with the consistent set) otherwise. At most one explanation is true, so a
 decisive label is wrong only if the true explanation's own test rejected it: P(wrong label) ≤ α_j
 (up to the normal and F approximations), with no multiplicity correction needed over the false
 hypotheses (whose rejection is never an error). (A truth c·μ with c ≠ 1 is labelled `scaled` or
-undetermined while ĉ's interval excludes 1; with c so close to 1 that it covers 1, the unscaled
-label is the answer at that resolution.) The former rule — the label of the largest
-p-value among several survivors — named a label that the data did not single out.
+undetermined while ĉ's interval excludes 1 and 0; with c so close to 1 (or 0) that it covers 1
+(or 0), the unscaled label (or unexplained) is the answer at that resolution.) The former rule —
+the label of the largest p-value among several survivors — named a label that the data did not
+single out.
 
 The sequential rule (`gmrl check`'s default). Look j (after R_j repeats per MDP, all data so far)
 tests at α_j = α/(j(j+1)); since Σ_j α_j = α, the probability that the true explanation is
@@ -229,10 +230,17 @@ def look_level(alpha: float, look: int | None) -> float:
     return float(alpha) / (look * (look + 1))
 
 
+def _scaled_fit(t: Test, z: float) -> bool:
+    """A scaled hypothesis names `scaled` when ĉ ± z·se excludes 1 (else it is the unscaled
+    explanation) and 0 (else it is a zero expectation, e.g. LIRPG's first-order)."""
+    return abs(t.scale - 1.0) > z * t.scale_se and abs(t.scale) > z * t.scale_se
+
+
 def consistent_labels(tests: Sequence[Test], level: float) -> tuple[str, ...]:
     """The labels no test rules out, best p first: the label of every unscaled hypothesis not
     rejected, and `scaled` when a scaled hypothesis is not rejected and its c's two-sided interval
-    at `level` excludes 1 (a c indistinguishable from 1 is the unscaled explanation)."""
+    at `level` excludes 1 and 0 (a c indistinguishable from 1 is the unscaled explanation; from 0,
+    a zero expectation)."""
     z = float(scipy_stats.norm.isf(level / 2))
     out: list[str] = []
     for t in sorted(tests, key=lambda t: (-t.p, -t.p_projected, t.z)):
@@ -240,7 +248,7 @@ def consistent_labels(tests: Sequence[Test], level: float) -> tuple[str, ...]:
             continue
         if t.scale is None:
             label = t.label
-        elif abs(t.scale - 1.0) > z * t.scale_se:
+        elif _scaled_fit(t, z):
             label = "scaled"
         else:
             continue
@@ -291,8 +299,7 @@ def diagnose(estimates: np.ndarray, means: np.ndarray, mean_vars: np.ndarray,
         return (t.p, t.p_projected, -t.z)
 
     survivors = [t for t in plain if not t.rejected]
-    fits = [t for t in tests if t.scale is not None and not t.rejected
-            and abs(t.scale - 1.0) > z * t.scale_se]
+    fits = [t for t in tests if t.scale is not None and not t.rejected and _scaled_fit(t, z)]
     if len(consistent) == 1 and consistent[0] != "scaled":
         best = max(survivors, key=rank)
         message = f"{best.label}: consistent with {best.candidate} ({best.describe()}) and no other label"
