@@ -359,6 +359,7 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
         return out, calls, found, spent, spent / (count * n)
 
     estimates, groups, notes, user_seconds, per_estimate = draw(repeats, seed)
+    fixed = user_seconds if use_jax else 0.0  # a JAX look traces and compiles again
     structure, structure_notes = cand.structure_from_calls(groups, steps)
     cand_started = time.perf_counter()
     variants = cand.variants(problem)
@@ -377,7 +378,7 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
               "labels": list(diagnosis.labels), "seconds": time.perf_counter() - started}]
     while sequential and diagnosis.label == "undetermined":
         more = estimates.shape[1]  # double the repeats per MDP
-        predicted = 1.25 * more * count * per_estimate + (user_seconds if use_jax else 0.0)
+        predicted = 1.25 * more * count * per_estimate + fixed
         if time.perf_counter() - started + predicted > budget:
             break
         look += 1
