@@ -309,7 +309,7 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
           alpha: float = 0.05, progress: bool = True, budget: float | None = BUDGET) -> CheckResult:
     """Run `fn(task, rng)` `repeats` times on each of `mdps` tasks and diagnose its meta-gradient.
 
-    problem "maml" (φ = θ_0, `theta0` "zeros" | "normal" | [S, A]) or "lirpg" (φ = intrinsic
+    problem "maml" (φ = θ_0, `theta0` "zeros" | "normal" | [S, A]) or "lirpg" (φ = 0 intrinsic
     reward, θ_0 = 0); K = `steps` inner steps of size α = `lr`; random reference MDPs (S, A, γ,
     T = `horizon`) or the user's `mdp`. `jax`: True for a JAX function (vmapped and jitted), False
     for a Python one (called in a loop, rng a numpy Generator); None reads the `jax_function`
