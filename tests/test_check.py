@@ -29,10 +29,11 @@ CLIENTS = Path(__file__).parent / "check_clients"
 GMRL = str(Path(sys.executable).parent / "gmrl")
 SMALL = dict(mdps=6, repeats=40, candidate_repeats=1000, progress=False, budget=600)
 """CI scale (the defaults are 10 MDPs × 50 repeats). The budget is wide so that the looks taken do
-not depend on the machine's load (the correct DiCE client needs about 300-600 repeats per MDP here). The candidates are computed once per process
-for these settings and shared by every client with the same sampling structure (and the CLI test).
-JAX clients run 100 repeats (1 ms an estimate): at 40, DiCE / 2 is `scaled` with c's CI covering
-0.5, but scaled LVC fits as well as scaled DiCE and can come out best."""
+not depend on the machine's load (the correct DiCE client may need several). The candidates are
+computed once per process for these settings and shared by every client with the same sampling
+structure (and the CLI test). JAX clients run 100 repeats (1 ms an estimate): at 40, DiCE / 2 is
+`scaled` with c's CI covering 0.5, but scaled LVC fits as well as scaled DiCE and can come out
+best."""
 JAX_REPEATS = 100
 
 

@@ -70,7 +70,7 @@ class Test:
     z = distance / se and p_omnibus its one-sided p-value; p_projected the p-value of the projected
     test (4) on `dims` directions; p = min(1, 2 min(p_omnibus, p_projected)); scale: ĉ and its se
     for a scaled test (else None);
-    rejected by Holm's rule at `threshold` (the p-value it had to beat).
+    rejected at `threshold` (the level α_j of its look: rejected when p ≤ threshold).
     """
 
     candidate: str
@@ -210,8 +210,9 @@ def _test(name: str, label: str, estimates, mean, mean_var, basis, scale=None, s
 
 
 def holm(p_values: Sequence[float], alpha: float) -> tuple[list[bool], list[float]]:
-    """Holm's step-down rule through `gmrl.stats.holm_adjust`: reject where the adjusted p-value
-    is ≤ α (the same as rejecting p_(i) while p_(i) ≤ α/(m − i), sorted ascending).
+    """Holm's step-down rule through `gmrl.stats.holm_adjust` (kept for callers; `diagnose` no
+    longer uses it): reject where the adjusted p-value is ≤ α (the same as rejecting p_(i) while
+    p_(i) ≤ α/(m − i), sorted ascending).
 
     Returns (rejected, threshold α/(m − i) per hypothesis)."""
     adjusted = stats.holm_adjust(p_values)
