@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="repeats per MDP at look 1")
     parser.add_argument("--mdps", type=int, default=10)
     parser.add_argument("--pool", type=int, default=2000, help="real estimates per MDP per client")
-    parser.add_argument("--truth-draws", type=int, default=8000)
+    parser.add_argument("--truth-draws", type=int, default=4000)
     parser.add_argument("--draws", type=int, default=1000, help="the harness's candidate draws")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--clients", default=",".join(CLIENTS))
