@@ -41,6 +41,7 @@ its value from the first and its Jacobian from the second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -162,6 +163,15 @@ def sampled_meta_gradients(key, mdp: tabular.TabularMDP, phi: Array, problem: st
     return jnp.stack([one(v) for v in variants])
 
 
+@functools.lru_cache(maxsize=8)
+def _program(problem: str, lr: float, horizon: int, structure: Structure, variants: tuple):
+    """jit(vmap over MDPs of vmap over draws of `sampled_meta_gradients`), built once per setting
+    so that drawing more (another seed) does not compile again."""
+    return jax.jit(jax.vmap(jax.vmap(
+        lambda k, m, p: sampled_meta_gradients(k, m, p, problem, lr, horizon, structure, variants),
+        in_axes=(0, None, None)), in_axes=(0, 0, 0)))
+
+
 def expectations(mdps: tabular.TabularMDP, phis: Array, problem: str, lr: float, horizon: int,
                  structure: Structure, variants: Sequence[Variant], repeats: int, seed: int,
                  chunk: int = 250) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +183,7 @@ def expectations(mdps: tabular.TabularMDP, phis: Array, problem: str, lr: float,
     """
     variants = tuple(variants)
     with jax.enable_x64(True):
-        f = jax.jit(jax.vmap(jax.vmap(
-            lambda k, m, p: sampled_meta_gradients(k, m, p, problem, lr, horizon, structure,
-                                                   variants),
-            in_axes=(0, None, None)), in_axes=(0, 0, 0)))
+        f = _program(problem, float(lr), horizon, structure, variants)
         count = phis.shape[0]
         total = np.zeros((count, len(variants), phis[0].size))
         total_sq = np.zeros_like(total)

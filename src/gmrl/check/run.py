@@ -4,13 +4,16 @@ The user's R estimates per MDP are compared with the exact float64 meta-gradient
 objective J_T the episodes estimate (`metagrad.exact_meta_gradient`, finite oracle, no bootstrap),
 giving bias2 ± CI, variance, corr and MSE (`gmrl.stats`), and with the expectations of the known
 explanations computed on the same tasks with the user's recorded sample sizes
-(`gmrl.check.candidates`), which `gmrl.check.diagnosis` tests under Holm's rule.
+(`gmrl.check.candidates`), which `gmrl.check.diagnosis` tests. By default the check is
+sequential: while several labels are consistent it draws as many repeats again (R, 2R, 4R, ... per
+MDP, look j testing at α/(j(j+1))) as long as the next look fits in the time budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import time
 import traceback
@@ -103,7 +106,11 @@ class CheckResult:
         lines.append(f"{'all':>5} {s['corr']:>8.4f} {s['variance']:>11.4g} "
                      f"{s['bias2']:>12.4g} ± {half:<10.3g}   mse {self.mse:.4g}")
         d = self.diagnosis
-        lines += ["", f"diagnosis: {d.message}", f"rule: {d.rule}"]
+        lines += [""] + [f"look {k['look']}: {k['repeats']} repeats per {self.unit}, level "
+                         f"{k['level']:.3g}: {k['label']}"
+                         + (f" ({', '.join(k['labels'])})" if k["label"] == "undetermined" else "")
+                         + f" [{k['seconds']:.0f} s]" for k in self.config.get("looks", [])]
+        lines += [f"diagnosis: {d.message}", f"rule: {d.rule}"]
         lines += [f"  consistent  {t.describe()}" for t in d.consistent]
         lines += [f"  rejected    {t.describe()}" for t in d.rejected]
         lines += [f"note: {n}" for n in d.notes]
@@ -289,11 +296,17 @@ def _problem(seed, cfg, mdps, states, actions, gamma, mdp, theta0):
     return mdp_set, phis
 
 
+BUDGET = 120.0
+"""`check`'s default time budget in seconds: it keeps drawing while the label is undetermined."""
+LOOK_SEED = 1_000_003
+"""Look j ≥ 2 draws its repeats with seed + LOOK_SEED·(j − 1) (independent of the earlier looks')."""
+
+
 def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0, mdps: int = 10,
           repeats: int = 50, theta0: Any = "zeros", seed: int = 0, jax: bool | None = None,
           horizon: int = 20, gamma: float = 0.8, states: int = 20, actions: int = 5,
           mdp: tabular.TabularMDP | None = None, candidate_repeats: int | None = None,
-          alpha: float = 0.05, progress: bool = True) -> CheckResult:
+          alpha: float = 0.05, progress: bool = True, budget: float | None = BUDGET) -> CheckResult:
     """Run `fn(task, rng)` `repeats` times on each of `mdps` tasks and diagnose its meta-gradient.
 
     problem "maml" (φ = θ_0, `theta0` "zeros" | "normal" | [S, A]) or "lirpg" (φ = 0 intrinsic
@@ -301,9 +314,11 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
     T = `horizon`) or the user's `mdp`. `jax`: True for a JAX function (vmapped and jitted), False
     for a Python one (called in a loop, rng a numpy Generator); None reads the `jax_function`
     mark. `candidate_repeats`: Monte-Carlo draws per MDP for each explanation's expectation
-    (default max(1000, 20·repeats)). `alpha`: Holm's family-wise error. Raises InputError for bad
-    arguments or a user function that raises, returns a wrong shape or NaN, or misuses
-    `task.sample`.
+    (default max(1000, 20·repeats)). `alpha`: the bound on the probability of a wrong label.
+    `budget` (seconds, from the start): while the label is `undetermined`, draw as many repeats
+    again (look j tests at α/(j(j+1)), `diagnosis.look_level`) if the next look is predicted to end
+    within it; None or 0: one look at level α. Raises InputError for bad arguments or a user
+    function that raises, returns a wrong shape or NaN, or misuses `task.sample`.
     """
     use_jax = getattr(fn, JAX_ATTRIBUTE, False) if jax is None else bool(jax)
     require(callable(fn), f"fn must be callable, got {type(fn).__name__}")
@@ -311,9 +326,12 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
             f"repeats must be an integer >= 3 (bias2 needs 3), got {repeats!r}")
     require(isinstance(mdps, int) and mdps >= 1, f"mdps must be an integer >= 1, got {mdps!r}")
     require(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha}")
+    require(budget is None or (isinstance(budget, int | float) and budget >= 0 and math.isfinite(budget)),
+            f"budget must be a number of seconds >= 0, got {budget!r}")
     candidate_repeats = max(1000, 20 * repeats) if candidate_repeats is None else candidate_repeats
     require(isinstance(candidate_repeats, int) and candidate_repeats >= 10,
             f"candidate_repeats must be an integer >= 10, got {candidate_repeats!r}")
+    sequential = bool(budget)
     cfg = mg.MetaGradConfig(problem=problem, steps=steps, lr=float(lr), horizon=horizon,
                             oracle="finite")
     started = time.perf_counter()
@@ -322,40 +340,68 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
     with enable_x64(True):
         exact = np.asarray(mg.batched_exact(cfg, "dice")(mdp_set, phis))
     shape = phis.shape[1:]
-    user_started = time.perf_counter()
-    if use_jax:
-        with enable_x64(True):
-            estimates, groups, notes, first, steady = _jax_estimates(
-                fn, mdp_set, phis, horizon, steps, float(lr), problem, repeats, seed)
-        user_seconds = first
-        per_estimate = steady / (count * repeats)
-    else:
-        tasks = [Task(np.asarray(mdp_set.P[m]), np.asarray(mdp_set.R[m]),
-                      float(mdp_set.gamma[m]), int(mdp_set.init_state[m]), horizon, steps,
-                      float(lr), problem, np.asarray(phis[m])) for m in range(count)]
-        estimates, groups, notes = _python_estimates(fn, tasks, repeats, seed, progress)
-        user_seconds = time.perf_counter() - user_started
-        per_estimate = user_seconds / (count * repeats)
+    tasks = None if use_jax else [
+        Task(np.asarray(mdp_set.P[m]), np.asarray(mdp_set.R[m]), float(mdp_set.gamma[m]),
+             int(mdp_set.init_state[m]), horizon, steps, float(lr), problem, np.asarray(phis[m]))
+        for m in range(count)]
+
+    def draw(n: int, look_seed: int):
+        """n more repeats per MDP: (estimates [M, n, S, A], call groups, notes, seconds of the
+        user's function, seconds per estimate at steady state)."""
+        user_started = time.perf_counter()
+        if use_jax:
+            with enable_x64(True):
+                out, calls, found, first, steady = _jax_estimates(
+                    fn, mdp_set, phis, horizon, steps, float(lr), problem, n, look_seed)
+            return out, calls, found, first, steady / (count * n)
+        out, calls, found = _python_estimates(fn, tasks, n, look_seed, progress)
+        spent = time.perf_counter() - user_started
+        return out, calls, found, spent, spent / (count * n)
+
+    estimates, groups, notes, user_seconds, per_estimate = draw(repeats, seed)
+    fixed = user_seconds if use_jax else 0.0  # a JAX look traces and compiles again
     structure, structure_notes = cand.structure_from_calls(groups, steps)
     cand_started = time.perf_counter()
     variants = cand.variants(problem)
     means, mean_vars = _candidate_expectations(mdp_set, phis, problem, float(lr), horizon, structure,
                                                tuple(variants), candidate_repeats, seed + 7919)
     cand_seconds = time.perf_counter() - cand_started
-    flat = estimates.reshape(count, repeats, -1)
-    summary = stats.summarize(flat, exact.reshape(count, -1))
     notes = list(notes) + structure_notes
     if problem == "lirpg":
         notes.append("lirpg: the vanilla log-prob and LVC surrogates have the same θ-gradient as "
                      "DiCE / Loaded DiCE for every φ, so they are not separate explanations here")
-    diagnosis = diagnose(flat, means, mean_vars, [v.name for v in variants],
-                         [v.label for v in variants], alpha, notes)
+    names, labels = [v.name for v in variants], [v.label for v in variants]
+    look = 1
+    diagnosis = diagnose(estimates.reshape(count, -1, shape[0] * shape[1]), means, mean_vars, names,
+                         labels, alpha, notes, look=look if sequential else None)
+    looks = [{"look": look, "repeats": repeats, "level": diagnosis.level, "label": diagnosis.label,
+              "labels": list(diagnosis.labels), "seconds": time.perf_counter() - started}]
+    while sequential and diagnosis.label == "undetermined":
+        more = estimates.shape[1]  # double the repeats per MDP
+        predicted = 1.25 * more * count * per_estimate + fixed
+        if time.perf_counter() - started + predicted > budget:
+            break
+        look += 1
+        new, _, found, spent, _ = draw(more, seed + LOOK_SEED * (look - 1))
+        user_seconds += spent
+        estimates = np.concatenate([estimates, new], axis=1)
+        notes += [n for n in found if n not in notes]
+        diagnosis = diagnose(estimates.reshape(count, -1, shape[0] * shape[1]), means, mean_vars,
+                             names, labels, alpha, notes, look=look)
+        looks.append({"look": look, "repeats": estimates.shape[1], "level": diagnosis.level,
+                      "label": diagnosis.label, "labels": list(diagnosis.labels),
+                      "seconds": time.perf_counter() - started})
+    total_repeats = estimates.shape[1]
+    flat = estimates.reshape(count, total_repeats, -1)
+    summary = stats.summarize(flat, exact.reshape(count, -1))
     config = {"function": getattr(fn, "__name__", "function"), "path": "jax" if use_jax else "python",
-              "problem": problem, "steps": steps, "lr": float(lr), "mdps": count, "repeats": repeats,
+              "problem": problem, "steps": steps, "lr": float(lr), "mdps": count,
+              "repeats": total_repeats, "first_repeats": repeats,
               "theta0": theta0 if isinstance(theta0, str) else np.asarray(theta0).tolist(),
               "seed": seed, "horizon": horizon, "gamma": float(np.asarray(mdp_set.gamma)[0]),
               "states": int(shape[0]), "actions": int(shape[1]),
               "candidate_repeats": candidate_repeats, "alpha": alpha,
+              "budget": budget, "looks": looks,
               "structure": {"value_sizes": structure.value_sizes,
                             "jacobian_sizes": structure.jacobian_sizes},
               "truth": "exact float64 meta-gradient of the T-step objective J_T (no bootstrap)"}

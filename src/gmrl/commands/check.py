@@ -59,7 +59,7 @@ def parse_thetas(text: str):
     return np.load(text, allow_pickle=False)
 
 
-TABULAR_ONLY = ("problem", "steps", "mdps", "theta0")
+TABULAR_ONLY = ("problem", "steps", "mdps", "theta0", "budget")
 IPD_ONLY = ("points", "thetas", "gamma")
 
 
@@ -91,21 +91,28 @@ IPD_ONLY = ("points", "thetas", "gamma")
               help="Your function is JAX (vmapped and jitted; rng a key) or plain Python (rng a "
                    "numpy Generator). Default: JAX if marked with @gmrl.check.jax_function.")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
-              help="Family-wise error of Holm's rule.")
+              help="Bound on the probability of a wrong (decisive) label.")
+@click.option("--budget", type=float, default=None,
+              help="mdp: seconds to keep drawing (doubling the repeats, each look at a smaller "
+                   "level) while more than one label is consistent; 0: one look at --alpha "
+                   "[default: 120].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write configuration, statistics and diagnosis (JSON).")
 def check_command(target, game, problem, steps, lr, mdps, points, repeats, theta0, thetas, gamma,
-                  seed, horizon, use_jax, alpha, progress, out):
+                  seed, horizon, use_jax, alpha, budget, progress, out):
     """Check FILE.py:FUNCTION, a meta-gradient fn(task, rng) -> [S, A] (or, with --game ipd, a LOLA
     gradient fn(game, rng) -> [2, 5]), against the exact one.
 
     Prints bias2 ± 95% CI, variance and corr per MDP (point) and pooled, then the diagnosis:
-    second-order-unbiased, first-order, vanilla-logprob-hessian, lvc-hessian, scaled or unexplained
-    (ipd: second-order-unbiased, first-order, naive, scaled or unexplained).
+    second-order-unbiased, first-order, vanilla-logprob-hessian, lvc-hessian, scaled, unexplained
+    or undetermined with the labels it cannot tell apart (ipd: second-order-unbiased, first-order,
+    naive, scaled, unexplained or undetermined). mdp: while several labels are consistent it keeps
+    drawing until one is decisive or --budget is spent; a decisive label is wrong with probability
+    at most --alpha.
     """
     given = dict(problem=problem, steps=steps, mdps=mdps, theta0=theta0, points=points,
-                 thetas=thetas, gamma=gamma)
+                 thetas=thetas, gamma=gamma, budget=budget)
     other = IPD_ONLY if game == "mdp" else TABULAR_ONLY
     wrong = [f"--{name}" for name in other if given[name] is not None]
     require(not wrong, f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to "
@@ -132,9 +139,11 @@ def check_command(target, game, problem, steps, lr, mdps, points, repeats, theta
         result = gmrl.check.check(fn, problem=problem, steps=steps, lr=lr,
                                   mdps=10 if mdps is None else mdps, repeats=repeats, theta0=theta0,
                                   seed=seed, jax=use_jax, horizon=horizon, alpha=alpha,
-                                  progress=progress)
+                                  progress=progress,
+                                  budget=gmrl.check.run.BUDGET if budget is None else budget)
         head = (f"gmrl check {target}: {problem}, K={steps}, α={lr}, T={horizon}, "
-                f"{result.config['mdps']} MDPs × {repeats} repeats ({result.config['path']} path); "
+                f"{result.config['mdps']} MDPs × {result.config['repeats']} repeats "
+                f"({result.config['path']} path); "
                 f"sample calls {result.calls}")
     seconds = result.seconds
     click.echo(head)
