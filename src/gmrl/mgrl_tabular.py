@@ -187,9 +187,25 @@ def _box(w: Array) -> Array:
     return jnp.exp(w - lax.stop_gradient(w))
 
 
+def _boxes(ell: Array, estimator: str) -> tuple[Array, Array]:
+    """(□^π, □^v) [T (t), T (u)] of `estimator` from ℓ_t = log π(a_t|s_t) [T] (module docstring)."""
+    T = ell.shape[0]
+    ones = jnp.ones((T, T), ell.dtype)
+    if estimator == "maml":
+        return ones, ones
+    if estimator == "lvc":
+        return _box(ell)[:, None] * ones, ones
+    if estimator == "loaded":
+        causal = jnp.broadcast_to(_box(jnp.cumsum(ell))[None, :], (T, T))
+        return causal, causal
+    whole = _box(jnp.sum(ell)) * ones  # dice
+    return whole, whole
+
+
 def episode_step(mdp: tabular.TabularMDP, theta: Learner, gamma, lam, alpha, beta, states: Array,
                  actions: Array, final_state: Array, estimator: str) -> Learner:
-    """The sampled step of ONE episode (states, actions [T], final_state []) for `estimator`."""
+    """The sampled step of ONE episode (states, actions [T], final_state []) for `estimator` (a name,
+    or a traced int index into ESTIMATORS)."""
     x, v = theta
     T = states.shape[0]
     log_pi = jax.nn.log_softmax(x, -1)
@@ -200,17 +216,14 @@ def episode_step(mdp: tabular.TabularMDP, theta: Learner, gamma, lam, alpha, bet
     t = jnp.arange(T)
     lag = t[None, :] - t[:, None]  # u − t
     c = jnp.where(lag >= 0, gamma ** t[:, None] * (gamma * lam) ** jnp.maximum(lag, 0), 0.0)  # [t, u]
-    ones = jnp.ones((T, T), ell.dtype)
-    if estimator == "maml":
-        box_pi = box_v = ones
-    elif estimator == "lvc":
-        box_pi, box_v = _box(ell)[:, None] * ones, ones
-    elif estimator == "loaded":
-        box_pi = box_v = jnp.broadcast_to(_box(jnp.cumsum(ell))[None, :], (T, T))
-    elif estimator == "dice":
-        box_pi = box_v = _box(jnp.sum(ell)) * ones
-    else:
-        raise ValueError(f"unknown mgrl estimator {estimator!r}; allowed: {', '.join(ESTIMATORS)}")
+    if isinstance(estimator, str):
+        require(estimator in ESTIMATORS,
+                f"unknown mgrl estimator {estimator!r}; allowed: {', '.join(ESTIMATORS)}")
+        box_pi, box_v = _boxes(ell, estimator)
+    else:  # a traced index into ESTIMATORS: one compiled program serves every estimator
+        boxes = [_boxes(ell, name) for name in ESTIMATORS]
+        box_pi = jnp.stack([b[0] for b in boxes])[estimator]
+        box_v = jnp.stack([b[1] for b in boxes])[estimator]
     coef_pi = jnp.sum(c * delta[None, :] * box_pi, 1)  # [T]
     coef_v = jnp.sum(c * delta[None, :] * box_v, 1)
     pi = jnp.exp(log_pi)
@@ -233,12 +246,15 @@ def sampled_step(key: Array, mdp: tabular.TabularMDP, theta: Learner, gamma, lam
     return jax.tree.map(lambda leaf: jnp.tensordot(weights, leaf, 1), steps)
 
 
-def problem(cfg: MGRLConfig, mdp: tabular.TabularMDP) -> core.MetaProblem:
+def problem(cfg: MGRLConfig, mdp: tabular.TabularMDP,
+            estimator_index: Array | None = None) -> core.MetaProblem:
     """Tabular MGRL on `mdp` as a `core.MetaProblem` (θ: `Learner`, φ = η [2]).
 
     init: θ_0 = (0, 0); increment: the expected step (exact sources, the finite oracle's with
     oracle='finite') or the sampled step of the source's estimator, α = the `lr` passed in and
     β = cfg.critic_lr; outer: J_out(x) from the source (`metagrad.ingredient_objective`, reward R).
+    `estimator_index` (optional, traced int into ESTIMATORS) replaces the sampled step sources'
+    estimator, so that one compiled program serves every estimator.
     """
     horizon = None if cfg.oracle == "infinite" else cfg.horizon
     outer_cfg = cfg.outer_config()
@@ -254,8 +270,9 @@ def problem(cfg: MGRLConfig, mdp: tabular.TabularMDP) -> core.MetaProblem:
             return exact()
 
         def sampled(n=None):
-            return sampled_step(key, mdp, theta, gamma, lam, lr, cfg.critic_lr, source.estimator,
-                                source.samples, cfg.horizon, n)
+            name = source.estimator if estimator_index is None else estimator_index
+            return sampled_step(key, mdp, theta, gamma, lam, lr, cfg.critic_lr, name, source.samples,
+                                cfg.horizon, n)
 
         if count is None:
             return sampled()
@@ -279,18 +296,24 @@ def exact_meta_gradient(cfg: MGRLConfig, mdp: tabular.TabularMDP, eta: Array, es
 
 
 def estimate_meta_gradient(key: Array, cfg: MGRLConfig, mdp: tabular.TabularMDP, eta: Array,
-                           counts: Array | None = None, hyper: Hyper | None = None) -> Array:
-    """One decomposed estimate with the sources (cfg.inner, cfg.hessian, cfg.outer) [2]."""
+                           counts: Array | None = None, hyper: Hyper | None = None,
+                           estimator_index: Array | None = None) -> Array:
+    """One decomposed estimate with the sources (cfg.inner, cfg.hessian, cfg.outer) [2];
+    `estimator_index` (traced) replaces the step sources' estimator (see `problem`)."""
     hyper = config_hyper(cfg) if hyper is None else hyper
-    return core.meta_gradient(problem(cfg, mdp), cfg.parts, key, eta, hyper, cfg.steps, counts)
+    return core.meta_gradient(problem(cfg, mdp, estimator_index), cfg.parts, key, eta, hyper, cfg.steps,
+                              counts)
 
 
 def batched_estimates(cfg: MGRLConfig):
-    """A jitted f(keys [M, R], mdps (stacked M), etas [M, 2], counts=None, hyper=None) -> [M, R, 2]."""
-    per_mdp = jax.vmap(lambda key, mdp, eta, counts, h: estimate_meta_gradient(key, cfg, mdp, eta, counts, h),
-                       in_axes=(0, None, None, None, None))
-    batched = jax.jit(jax.vmap(per_mdp, in_axes=(0, 0, 0, None, None)))
-    return lambda keys, mdps, etas, counts=None, hyper=None: batched(keys, mdps, etas, counts, hyper)
+    """A jitted f(keys [M, R], mdps (stacked M), etas [M, 2], counts=None, hyper=None,
+    estimator_index=None) -> [M, R, 2]."""
+    per_mdp = jax.vmap(lambda key, mdp, eta, counts, h, e: estimate_meta_gradient(key, cfg, mdp, eta, counts,
+                                                                                   h, e),
+                       in_axes=(0, None, None, None, None, None))
+    batched = jax.jit(jax.vmap(per_mdp, in_axes=(0, 0, 0, None, None, None)))
+    return lambda keys, mdps, etas, counts=None, hyper=None, estimator_index=None: batched(
+        keys, mdps, etas, counts, hyper, estimator_index)
 
 
 def batched_exact(cfg: MGRLConfig, estimator: str = "exact"):
