@@ -50,7 +50,7 @@ def small_mdp():
 def test_exact_meta_gradient_equals_central_differences_and_the_numpy_reference(steps):
     """Autodiff through K expected steps = central differences of the same K-step map (1e-6 relative)
     and = the independent complex-step NumPy implementation of the formulas (1e-8 relative).
-    Mutations caught: `lax.stop_gradient(V)` inside Q_λ (differences, 3e-2 off); Q_λ bootstrapping on
+    Mutations caught: `lax.stop_gradient(V)` inside Q_λ (differences, 1e-2 relative off); Q_λ bootstrapping on
     v alone, dropping λ·V_λ (reference)."""
     for mdp in reference_mdps():
         _check_meta_gradient(mdp, steps)
@@ -142,7 +142,7 @@ Z_BONFERRONI = 4.5  # two-sided, family-wise level ≈ 6e-4 over 99 entries
 def test_sampled_step_is_unbiased_for_the_expected_step_and_the_same_for_every_estimator():
     """E[sampled step] = the finite oracle's expected step: every entry |z| < 4.5 (Bonferroni), every
     se > 0; all four estimators give the same value draw by draw (the boxes have value 1).
-    Mutation caught: TD error bootstrapping on v(s_t) instead of v(s_{t+1}) (max |z| = 40)."""
+    Mutation caught: TD error bootstrapping on v(s_t) instead of v(s_{t+1}) (max |z| = 650)."""
     mdp = small_mdp()
     values, z = _draws(mdp, "maml", jacobian=False)
     truth = np.asarray(_step_map(mdp, Source(), None)(z))
@@ -175,8 +175,8 @@ def jacobian_draws():
 def test_unbiased_estimators_step_jacobian(jacobian_draws, estimator):
     """loaded and dice: every one of the 9 × 11 entries of the step Jacobian in (x, v, η) has a finite
     z against the oracle (complex-step NumPy Jacobian of the finite expected step), all |z| < 4.5.
-    Mutations caught: loaded's box over a_{<u} only (W_{u−1}: max |z| 24 in the policy block);
-    dice without the box in the critic part (critic block ∂Δv/∂x all 0, se = 0)."""
+    Mutations caught: loaded's box over a_{<u} only (W_{u−1}: max |z| = 154);
+    dice without the box in the critic part (the 18 entries of ∂Δv/∂x have se = 0)."""
     _, truth, draws = jacobian_draws
     scores, se = _z_scores(draws[estimator], truth)
     assert np.all(se > 0), f"{np.sum(se == 0)} entries without variance"
@@ -203,7 +203,8 @@ def test_vanilla_and_lvc_step_jacobians_are_biased_in_x_only(jacobian_draws, est
 def test_k1_meta_gradients_of_all_sampled_estimators_are_equal_draw_by_draw():
     """At K = 1 θ_0 = 0 does not depend on η, so only ∂Δ/∂η enters, where a box (value 1, no η
     derivative) changes nothing: maml, lvc, loaded and dice give the same estimate draw by draw; at
-    K = 2 maml and lvc differ. Mutation caught: lvc's advantage under stop_gradient (ρ_t·sg A_t)."""
+    K = 2 maml and lvc differ. Mutation caught: lvc's advantage under stop_gradient (ρ_t·sg A_t),
+    at the check that the indexed and the named lvc agree at K = 2."""
     mdp = reference_mdps()[0]
     mdps = jax.tree.map(lambda leaf: leaf[None], mdp)
     keys = jax.random.split(jax.random.key(5), (1, 4))
