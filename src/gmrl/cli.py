@@ -33,7 +33,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
                        "the exact one."),
 }
 # `gmrl study NAME` -> module, for the names known without importing (the rest: every module).
-LAZY_STUDIES: dict[str, str] = {"lola": "lola", "mgrl": "mgrl"}
+LAZY_STUDIES: dict[str, str] = {"lola": "lola", "mgrl": "mgrl", "mgrl-tabular": "study"}
 
 # Modules of the optional extras: a command that needs a missing one says which extra to install.
 EXTRA_OF_MODULE = {"optax": "rl", "flax": "rl", "gymnax": "rl", "gymnasium": "rl", "six": "rl",

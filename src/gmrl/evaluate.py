@@ -61,6 +61,15 @@ def oracle_estimator(cfg: mg.MetaGradConfig) -> str:
     return next(iter(named)) if named else "exact"
 
 
+def problem_module(cfg):
+    """The module of cfg's problem: `gmrl.metagrad` (maml, lirpg) or `gmrl.mgrl_tabular` (mgrl)."""
+    if cfg.problem == "mgrl":
+        from gmrl import mgrl_tabular
+
+        return mgrl_tabular
+    return mg
+
+
 def evaluate(cfg: mg.MetaGradConfig, mdps: tabular.TabularMDP, phis, seed: int,
              repeats: int) -> dict:
     """R repeated decomposed estimates per MDP, the exact meta-gradient, and their statistics.
@@ -71,13 +80,14 @@ def evaluate(cfg: mg.MetaGradConfig, mdps: tabular.TabularMDP, phis, seed: int,
     require(isinstance(repeats, int) and repeats >= 3,
             f"the number of repeats must be an integer >= 3 (bias2 needs 3), got {repeats}")
     count = mdps.R.shape[0]
-    require_memory(mg.estimate_bytes(cfg, count * repeats),
+    module = problem_module(cfg)
+    require_memory(module.estimate_bytes(cfg, count * repeats),
                    f"{count} MDP(s) × {repeats} repeats of K={cfg.steps} steps, T={cfg.horizon}, "
                    f"{cfg.inner}/{cfg.hessian}/{cfg.outer}")
     with jax.enable_x64(True):
         keys = jax.random.split(jax.random.key(seed), (count, repeats))
-        exact = np.asarray(mg.batched_exact(cfg, oracle_estimator(cfg))(mdps, phis))
-        estimate = mg.batched_estimates(cfg)
+        exact = np.asarray(module.batched_exact(cfg, oracle_estimator(cfg))(mdps, phis))
+        estimate = module.batched_estimates(cfg)
         start = time.perf_counter()
         estimates = np.asarray(estimate(keys, mdps, phis).block_until_ready())
         first = time.perf_counter() - start

@@ -63,6 +63,24 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
     return command
 
 
+@click.command(name="mgrl-tabular")
+@click.option("--quick", is_flag=True, help="CI scale (about a minute).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for part_a.json, part_b.json, PNGs, report.md [default: results/mgrl-tabular"
+                   "[-quick]].")
+@click.option("--seed", type=int, default=0, show_default=True)
+def mgrl_tabular_study(quick, out, seed):
+    """Tabular MGRL: meta-gradient bias of vanilla / LVC / unbiased estimators in (γ, λ) and the
+    closed-loop final return (docs/mgrl_tabular.md). Resumable per part."""
+    from gmrl.studies.mgrl_tabular import run_study
+
+    out = out if out is not None else Path("results") / ("mgrl-tabular" + ("-quick" if quick else ""))
+    written, seconds = run_study(out, quick=quick, seed=seed, progress=click.echo)
+    click.echo(f"gmrl study mgrl-tabular: {seconds:.1f} s")
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 @click.command(name="plot")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def plot(directory: Path) -> None:
@@ -81,4 +99,5 @@ def register(cli, study) -> None:
     study.add_command(_study_command(
         "all", studies.STUDIES, "All eight reference tabular studies at reference scale in one "
                                 "store, with a combined report.md of verdicts (docs/studies.md)."))
+    study.add_command(mgrl_tabular_study)
     cli.add_command(plot)

@@ -43,8 +43,9 @@ def format_table(summary: dict) -> str:
 
 
 @click.command()
-@click.option("--problem", type=click.Choice(mg.PROBLEMS), default="maml", show_default=True,
-              help="maml: φ = θ0; lirpg: φ = intrinsic reward table.")
+@click.option("--problem", type=click.Choice(mg.PROBLEMS + ("mgrl",)), default="maml", show_default=True,
+              help="maml: φ = θ0; lirpg: φ = intrinsic reward table; mgrl: φ = (logit γ, logit λ) "
+                   "(docs/mgrl_tabular.md).")
 @click.option("--steps", "-K", type=int, default=1, show_default=True, help="Inner steps K.")
 @click.option("--lr", type=float, default=10.0, show_default=True, help="Inner learning rate α.")
 @click.option("--gamma", type=float, default=0.8, show_default=True,
@@ -74,12 +75,25 @@ def format_table(summary: dict) -> str:
 @click.option("--theta0", default="zeros", show_default=True,
               help="MAML's θ0: zeros (uniform policy, as in the reference study), normal (N(0,1) per "
                    "MDP from --seed) or FILE.npy holding an [S, A] table.")
+@click.option("--gamma0", type=float, default=None,
+              help="mgrl: the initial inner discount γ [default: the MDP's γ].")
+@click.option("--lambda0", type=float, default=None, help="mgrl: the initial λ [default: 0.9].")
+@click.option("--critic-lr", type=float, default=None, help="mgrl: the critic step size β [default: 0.5].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write config, per-MDP figures, exact meta-gradients and mean estimates (JSON).")
 def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, actions, repeats,
                     seed, mdp_file, inner, hessian, outer, oracle, loaded_lambda, critic_gradient, theta0,
-                    out):
+                    out, gamma0=None, lambda0=None, critic_lr=None):
     """Exact vs decomposed meta-gradient estimates on tabular MDPs (docs/design.md)."""
+    if problem == "mgrl":
+        from gmrl.commands.tabular_mgrl import run_mgrl
+
+        return run_mgrl(steps=steps, lr=lr, gamma=gamma, horizon=horizon, noise=noise, mdps=mdps,
+                        states=states, actions=actions, repeats=repeats, seed=seed, mdp_file=mdp_file,
+                        inner=inner, hessian=hessian, outer=outer, oracle=oracle, loaded_lambda=loaded_lambda,
+                        theta0=theta0, gamma0=gamma0, lambda0=lambda0, critic_lr=critic_lr, out=out)
+    require(gamma0 is None and lambda0 is None and critic_lr is None,
+            "--gamma0, --lambda0 and --critic-lr apply only to --problem mgrl")
     cfg = mg.MetaGradConfig(
         problem=problem, steps=steps, lr=lr, horizon=horizon, noise=noise,
         inner=mg.Source.parse(inner), hessian=mg.Source.parse(hessian, jacobian=True),
