@@ -190,10 +190,8 @@ def welch_satterthwaite(se, df) -> float:
     (Σ se_i²)² / Σ (se_i⁴ / df_i). inf when every se is 0."""
     se = np.asarray(se, np.float64).reshape(-1)
     df = np.broadcast_to(np.asarray(df, np.float64), se.shape)
-    total = float(np.sum(se**2))
-    if total == 0.0:
-        return float("inf")
-    return float(total**2 / np.sum(se**4 / df))
+    total, spread = float(np.sum(se**2)), float(np.sum(se**4 / df))
+    return float("inf") if spread == 0.0 else total**2 / spread
 
 
 def mean_ci(samples, axis: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
