@@ -5,7 +5,9 @@ MDPs; `truth` is [d] or [M, d]. All figures are computed in float64 with numpy.
 The first three are the reference study's (Liu, Feng et al. 2022, "A Theoretical Understanding of
 Gradient Bias in Meta-Reinforcement Learning", §5): corr ("angular accuracy"),
 std_sum ("variance") and mse_of_mean ("bias", which still contains Var/R). bias2 is the unbiased
-estimate of the squared bias per coordinate, ‖E ĝ − g*‖²/d, with a jackknife standard error.
+estimate of the squared bias per coordinate, ‖E ĝ − g*‖²/d, from cross-fitted batch means with a
+t interval; relative_bias its square root over ‖g*‖. Tests and intervals (welch, paired, mean_ci,
+detectable_difference, equivalence) share one vocabulary: Z95 and t_quantile(df) (df = inf: normal).
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ def mean_ci(samples, axis: int = 0, level: float = 0.95) -> tuple[np.ndarray, np
     n = samples.shape[axis]
     require(n >= 2, f"a confidence interval needs at least 2 samples along axis {axis}, got {n}")
     sem = samples.std(axis=axis, ddof=1) / np.sqrt(n)
-    return samples.mean(axis=axis), _scipy().t.ppf(0.5 + level / 2, n - 1) * sem
+    return samples.mean(axis=axis), t_quantile(n - 1, level) * sem
 
 
 def fit_power_law(x, y, y_se) -> tuple[float, float]:
@@ -238,7 +240,7 @@ def welch(a, b, level: float = 0.95) -> dict[str, float]:
                 "p": 1.0 if diff == 0.0 else 0.0}
     df = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
     t = diff / se
-    return {"diff": diff, "hw": float(_scipy().t.ppf(0.5 + level / 2, df) * se), "se": se,
+    return {"diff": diff, "hw": float(t_quantile(df, level) * se), "se": se,
             "df": df, "p": float(2 * _scipy().t.sf(abs(t), df))}
 
 
