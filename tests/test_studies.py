@@ -296,3 +296,20 @@ def test_injected_error_finding_is_tested_against_the_linear_null():
     assert compounding[0] == "holds", compounding
     (weaker,) = finding5(_injected(lambda c, k: 0.01 * np.sqrt(c) * k))
     assert weaker[0] == "does not hold", weaker
+
+
+def test_reports_carry_relative_bias_and_significant_mdps_beside_bias2():
+    from gmrl.studies import report
+    from gmrl.studies.verdicts import positive_claim
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(4, 6))
+    summary = stats.summarize(truth[:, None] + 0.5 + 0.1 * rng.normal(size=(4, 20, 6)), truth)
+    summary.pop("per_mdp")
+    rows = [{"study": "lr", "code": "lee", "lr": lr, **summary} for lr in (1.0, 3.0)]
+    (line,) = report.findings(rows, "lr")
+    assert f"rel. bias {summary['rel_bias']:.2g} [" in line and "4/4 MDPs significant" in line, line
+    assert "significant in 4 of 4 MDPs" in positive_claim(rows[0])[1]
+    # ‖E ĝ − g*‖/‖g*‖ for a bias of 0.5 per coordinate
+    want = 0.5 * np.sqrt(6 * 4) / np.linalg.norm(truth)
+    assert summary["rel_bias_ci_low"] <= want <= summary["rel_bias_ci_high"]

@@ -34,7 +34,14 @@ def significant(row: dict) -> bool:
 
 
 def _fmt(row: dict) -> str:
-    return f"{row['bias2']:.3g} ± {_half(row):.2g}"
+    """bias2 ± 95% half-width, then (where the row has them) the relative bias ‖E ĝ − g*‖/‖g*‖ with
+    its CI and the number of individually significant MDPs."""
+    text = f"{row['bias2']:.3g} ± {_half(row):.2g}"
+    if "rel_bias" in row:
+        text += (f" (rel. bias {row['rel_bias']:.2g} [{row['rel_bias_ci_low']:.2g}, "
+                 f"{row['rel_bias_ci_high']:.2g}]; {row['significant_mdps']}/{row['num_mdps']} MDPs "
+                 "significant)")
+    return text
 
 
 def slope_text(points: list[dict], x_name: str) -> str:
