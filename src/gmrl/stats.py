@@ -112,19 +112,42 @@ def bias2(estimates, truth, batches: int = BATCHES) -> Bias2:
     Shapes: [R, d] / [d] or [M, R, d] / [M, d]. Needs R ≥ 3.
     """
     estimates, truth = _validated(estimates, truth)
+    value, loo = _batch_u(estimates, truth, batches)
+    return Bias2(value, _jackknife_se(loo), float(loo.shape[-1] - 1))
+
+
+def _batch_u(estimates: np.ndarray, truth: np.ndarray, batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """bias2's batch-pair U-statistic [...] and its delete-a-batch values [..., B] (see `bias2`)."""
     num_repeats, dim = estimates.shape[-2], estimates.shape[-1]
     require(num_repeats >= 3, f"bias2 needs at least 3 repeats, got {num_repeats}")
     require(isinstance(batches, int) and batches >= 3, f"bias2 needs at least 3 batches, got {batches}")
     count = min(batches, num_repeats)
     x = estimates - truth[..., None, :]
     means = np.stack([part.mean(-2) for part in np.array_split(x, count, axis=-2)], -2)  # [..., B, d]
-    value = _pair_u(means)
     total = means.sum(-2, keepdims=True)
     squares = (means**2).sum(-1)
     loo = (((total - means) ** 2).sum(-1) - (squares.sum(-1, keepdims=True) - squares)) / (
         (count - 1) * (count - 2) * dim)
-    se = np.sqrt((count - 1) / count * ((loo - loo.mean(-1, keepdims=True)) ** 2).sum(-1))
-    return Bias2(value, se, float(count - 1))
+    return _pair_u(means), loo
+
+
+def _jackknife_se(loo: np.ndarray) -> np.ndarray:
+    count = loo.shape[-1]
+    return np.sqrt((count - 1) / count * ((loo - loo.mean(-1, keepdims=True)) ** 2).sum(-1))
+
+
+def bias2_difference(estimates_a, truth_a, estimates_b, truth_b, batches: int = BATCHES) -> Bias2:
+    """bias2(a) − bias2(b) for two points whose repeats share PRNG keys (repeat r of a and of b
+    from the same key: common random numbers), with the delete-a-batch jackknife of the difference
+    itself, so what the pair shares cancels (never larger than hypot(se_a, se_b) in expectation
+    when the two are positively correlated). Same shapes as `bias2`, a and b alike."""
+    estimates_a, truth_a = _validated(estimates_a, truth_a)
+    estimates_b, truth_b = _validated(estimates_b, truth_b)
+    require(estimates_a.shape[:-1] == estimates_b.shape[:-1],
+            f"paired points need the same MDPs and repeats, got {estimates_a.shape} and {estimates_b.shape}")
+    value_a, loo_a = _batch_u(estimates_a, truth_a, batches)
+    value_b, loo_b = _batch_u(estimates_b, truth_b, batches)
+    return Bias2(value_a - value_b, _jackknife_se(loo_a - loo_b), float(loo_a.shape[-1] - 1))
 
 
 def relative_bias(b2_value, b2_low, b2_high, truth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
