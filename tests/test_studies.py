@@ -272,6 +272,11 @@ def test_absent_hessian_bias_is_an_equivalence_verdict_with_a_margin_from_lvc():
     rows[0] = _decompose_ele("lvc", 1e-5, 1e-5)
     (_, _, lines), = [f for f in finding_lines(rows) if f[0].startswith("4.")]
     assert all(v == "not significant" for v, t in lines if "ele, dice" in t or "ele, loaded" in t)
+    # overflowed points (NaN) get no verdict instead of an error
+    nan = [_decompose_ele(e, np.nan, np.nan) for e in ("lvc", "dice")]
+    nan.append(_decompose_ele("maml", 1e-4, np.nan))
+    (_, _, lines), = [f for f in finding_lines(nan) if f[0].startswith("4.")]
+    assert [v for v, _ in lines] == ["not significant"] * 3, lines
 
 
 def _injected(bias_of):

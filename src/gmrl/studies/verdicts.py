@@ -74,6 +74,8 @@ def difference(first: dict, last: dict, scale: float = 1.0) -> tuple[float, floa
 
 def _sign_verdict(diff: float, se: float, df: float, direction: int, text: str,
                   what: str = "difference") -> tuple[str, str]:
+    if not (np.isfinite(diff) and np.isfinite(se)):
+        return "not significant", text + "; non-finite estimates (overflow)"
     half = _half(se, df)
     if direction * diff > half:
         return "holds", text
@@ -111,6 +113,8 @@ def equivalence_claim(row: dict, margin: float, margin_text: str) -> tuple[str, 
     """(verdict, text) for the claim bias2 < `margin` (TOST at 5%, `stats.equivalence`): "holds"
     when the 90% t interval lies below the margin, "does not hold" when bias2 is significantly
     above it, else "not significant" (the run cannot tell)."""
+    if not (np.isfinite(row["bias2"]) and np.isfinite(row["bias2_se"])):
+        return "not significant", "non-finite estimates (overflow)"
     test = stats.equivalence(row["bias2"], row["bias2_se"], _df(row), margin)
     text = (f"bias2 {_fmt(row['bias2'], row['bias2_se'], _df(row))}{_rel(row)}; equivalence margin "
             f"{margin:.2g} ({margin_text}): 90% CI [{test['low']:.2g}, {test['high']:.2g}], TOST p = "
