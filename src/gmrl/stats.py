@@ -303,8 +303,9 @@ def detectable_difference(se: float, tests: int = 1, alpha: float = 0.05, power:
         def reach(ncp):
             return st.norm.sf(crit - ncp) + st.norm.cdf(-crit - ncp) - power
     else:
-        def reach(ncp):
-            return st.nct.sf(crit, df, ncp) + st.nct.cdf(-crit, df, ncp) - power
+        def reach(ncp):  # the far tail P(T < −crit) = P(T > crit | −ncp); scipy's nct.cdf can be NaN there
+            far = float(st.nct.sf(crit, df, -ncp))
+            return st.nct.sf(crit, df, ncp) + (far if np.isfinite(far) else 0.0) - power
     high = crit + 1.0
     while reach(high) < 0:
         high *= 2
