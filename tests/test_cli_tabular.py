@@ -146,3 +146,17 @@ def test_theta0_choices(tmp_path, capsys, mdp_file):
     np.save(tmp_path / "bad.npy", np.zeros((2, 2)))
     code, _, err = run(["tabular", "--mdp", str(mdp_file), "--theta0", str(tmp_path / "bad.npy")], capsys)
     assert code == 2 and "must have shape [S, A] = (6, 3)" in err
+
+
+def test_json_carries_the_printed_per_mdp_interval_and_relative_bias(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, text, err = run(["tabular", "--mdps", "2", "--repeats", "10", "--states", "4", "--actions", "2",
+                           "--horizon", "5", "--inner", "dice:4", "--hessian", "exact", "--outer", "exact",
+                           "--out", str(out)], capsys)
+    assert code == 0, err
+    per = json.loads(out.read_text())["per_mdp"]
+    low, high, value = (np.asarray(per[k]) for k in ("bias2_ci_low", "bias2_ci_high", "bias2"))
+    assert low.shape == (2,) and np.all(low <= value) and np.all(value <= high)
+    assert f"{value[0]:>13.4g} ± {(high[0] - low[0]) / 2:<10.3g}" in text  # the row prints this interval
+    assert np.all(np.asarray(per["rel_bias_ci_low"]) <= np.asarray(per["rel_bias_ci_high"]))
+    assert "MDP(s) with bias2 significantly above 0" in text

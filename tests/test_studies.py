@@ -246,3 +246,75 @@ def test_ray_backend_gives_the_same_study_numbers_as_local(tmp_path, monkeypatch
         ray_result = results["ray"][key]
         assert {k: v for k, v in ray_result.items() if "seconds" not in k} == {
             k: v for k, v in local.items() if "seconds" not in k}
+
+
+def _decompose_ele(estimator, bias2, se, samples=64, df=20.0):
+    return {"study": "decompose", "code": "ele", "estimator": estimator, "samples": samples,
+            "bias2": bias2, "bias2_se": se, "bias2_df": df}
+
+
+def test_absent_hessian_bias_is_an_equivalence_verdict_with_a_margin_from_lvc():
+    """Finding 4: a CI containing 0 is not evidence of absence. DiCE's tight interval lies below
+    ½ of LVC's bias (margin (½)² × LVC's lower 95% end, in bias2) and holds; Loaded DiCE's wide one
+    contains 0 yet reaches the margin: not significant (the old zero-in-CI rule said "holds")."""
+    from gmrl.studies.verdicts import finding_lines
+
+    rows = [_decompose_ele("lvc", 1e-4, 1e-5), _decompose_ele("maml", 2e-4, 2e-5),
+            _decompose_ele("dice", 1e-7, 2e-6), _decompose_ele("loaded", 1e-6, 2e-5),
+            _decompose_ele("dice", 5e-3, 1e-3, samples=8)]  # a smaller sample size is not the claim
+    (_, _, lines), = [f for f in finding_lines(rows) if f[0].startswith("4.")]
+    verdicts = {text.split(",")[1].split()[0]: verdict for verdict, text in lines}
+    assert verdicts == {"dice": "holds", "lvc": "holds", "loaded": "not significant", "maml": "holds"}
+    low = 1e-4 - stats.t_quantile(20.0) * 1e-5
+    dice = next(text for _, text in lines if "ele, dice" in text)
+    assert f"margin {0.25 * low:.2g}" in dice and "TOST p" in dice, dice
+    # no margin without a significant LVC bias: no equivalence verdict
+    rows[0] = _decompose_ele("lvc", 1e-5, 1e-5)
+    (_, _, lines), = [f for f in finding_lines(rows) if f[0].startswith("4.")]
+    assert all(v == "not significant" for v, t in lines if "ele, dice" in t or "ele, loaded" in t)
+    # overflowed points (NaN) get no verdict instead of an error
+    nan = [_decompose_ele(e, np.nan, np.nan) for e in ("lvc", "dice")]
+    nan.append(_decompose_ele("maml", 1e-4, np.nan))
+    (_, _, lines), = [f for f in finding_lines(nan) if f[0].startswith("4.")]
+    assert [v for v, _ in lines] == ["not significant"] * 3, lines
+
+
+def _injected(bias_of):
+    return [{"study": "hessian-bias", "lr": 3.0, "hessian_error": c, "steps": k,
+             "bias2": bias_of(c, k) ** 2, "bias2_se": 0.01 * bias_of(c, k) ** 2, "bias2_df": 30.0}
+            for c in (0.5, 4.0) for k in (1, 2, 3)]
+
+
+def test_injected_error_finding_is_tested_against_the_linear_null():
+    """Finding 5: a bias linear in c (bias2 ∝ c²) grows (4/0.5)² = 64× more at c = 4 with no
+    compounding; that is "not significant" against the linear null (the old "growth ratio > 1"
+    test said "holds"); a bias compounding in c·K holds."""
+    from gmrl.studies.verdicts import finding_lines
+
+    def finding5(rows):
+        (_, _, lines), = [f for f in finding_lines(rows) if f[0].startswith("5.")]
+        return lines
+
+    (linear,) = finding5(_injected(lambda c, k: 0.01 * c * k))
+    assert linear[0] == "not significant" and "against the linear null's 64" in linear[1], linear
+    (compounding,) = finding5(_injected(lambda c, k: 0.01 * c * k * (1 + 0.1 * c) ** (k - 1)))
+    assert compounding[0] == "holds", compounding
+    (weaker,) = finding5(_injected(lambda c, k: 0.01 * np.sqrt(c) * k))
+    assert weaker[0] == "does not hold", weaker
+
+
+def test_reports_carry_relative_bias_and_significant_mdps_beside_bias2():
+    from gmrl.studies import report
+    from gmrl.studies.verdicts import positive_claim
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(4, 6))
+    summary = stats.summarize(truth[:, None] + 0.5 + 0.1 * rng.normal(size=(4, 20, 6)), truth)
+    summary.pop("per_mdp")
+    rows = [{"study": "lr", "code": "lee", "lr": lr, **summary} for lr in (1.0, 3.0)]
+    (line,) = report.findings(rows, "lr")
+    assert f"rel. bias {summary['rel_bias']:.2g} [" in line and "4/4 MDPs significant" in line, line
+    assert "significant in 4 of 4 MDPs" in positive_claim(rows[0])[1]
+    # ‖E ĝ − g*‖/‖g*‖ for a bias of 0.5 per coordinate
+    want = 0.5 * np.sqrt(6 * 4) / np.linalg.norm(truth)
+    assert summary["rel_bias_ci_low"] <= want <= summary["rel_bias_ci_high"]

@@ -23,13 +23,25 @@ THEORY = {
 }
 
 
+def _half(row: dict) -> float:
+    """95% half-width of a row's bias2: t with the row's bias2_df (normal where absent)."""
+    return float(stats.t_quantile(row.get("bias2_df", float("inf"))) * row["bias2_se"])
+
+
 def significant(row: dict) -> bool:
     """bias2 above zero by more than its 95% CI half-width."""
-    return row["bias2"] - Z95 * row["bias2_se"] > 0
+    return row["bias2"] - _half(row) > 0
 
 
 def _fmt(row: dict) -> str:
-    return f"{row['bias2']:.3g} ± {Z95 * row['bias2_se']:.2g}"
+    """bias2 ± 95% half-width, then (where the row has them) the relative bias ‖E ĝ − g*‖/‖g*‖ with
+    its CI and the number of individually significant MDPs."""
+    text = f"{row['bias2']:.3g} ± {_half(row):.2g}"
+    if "rel_bias" in row:
+        text += (f" (rel. bias {row['rel_bias']:.2g} [{row['rel_bias_ci_low']:.2g}, "
+                 f"{row['rel_bias_ci_high']:.2g}]; {row['significant_mdps']}/{row['num_mdps']} MDPs "
+                 "significant)")
+    return text
 
 
 def slope_text(points: list[dict], x_name: str) -> str:
@@ -85,7 +97,7 @@ def _zero_verdict(row: dict) -> str:
     if not np.isfinite(row["bias2"]):
         return "non-finite (overflow)"
     return ("significantly positive" if significant(row) else
-            "within its CI of zero" if abs(row["bias2"]) <= Z95 * row["bias2_se"]
+            "within its CI of zero" if abs(row["bias2"]) <= _half(row)
             else "significantly negative")
 
 
@@ -145,12 +157,9 @@ def findings(rows: list[dict], study: str) -> list[str]:
             lines.append(f"  - parameter error ‖θ̂_K − θ_K‖² at {x_name}={r[x_name]}: "
                          f"{r['param_error'][-1]:.3g} ± {Z95 * r['param_error_se'][-1]:.2g}")
     if study == "decompose":
-        last = max(r["samples"] for r in rows if r["study"] == study)
-        for r in rows:
-            if r["study"] == study and r["code"] == "ele" and r["samples"] == last:
-                verdict = _zero_verdict(r)
-                lines.append(f"- Hessian bias (ele, {r['estimator']}, {last} samples, oracle "
-                             f"{r['oracle']}): bias2 = {_fmt(r)}: {verdict}")
+        from gmrl.studies.verdicts import hessian_lines
+
+        lines += [text for _, text in hessian_lines([r for r in rows if r["study"] == study])]
     return lines
 
 
@@ -172,7 +181,8 @@ def write_report(rows: list[dict], study: str, path: Path, seconds: float | None
                  if first["problem"] == "lirpg" else "")
               + f", seed {first['seed']}; {len(mine)} points"
               + (f"; {seconds:.0f} s wall time this run" if seconds is not None else "") + ".",
-              "bias2 is the unbiased squared bias per coordinate ± its 95% CI (jackknife); each "
+              "bias2 is the unbiased squared bias per coordinate ± its 95% CI (5 batch means, t "
+              "interval); each "
               "line compares the two ends of the axis (difference, and ratio where both ends are "
               "significantly positive, with 95% CIs).", ""]
     theory = THEORY.get(X_AXIS[study], "")
