@@ -144,7 +144,7 @@ class Diagnosis:
 def discrepancy(estimates: np.ndarray, mean: np.ndarray, mean_var: np.ndarray) -> tuple[float, float]:
     """Pooled D̂ of eq. (3) and its standard error. estimates [M, R, d], mean and mean_var [M, d]."""
     num_repeats, dim = estimates.shape[1], estimates.shape[2]
-    b = stats.bias2(estimates, mean)
+    b = stats.bias2(estimates, mean, batches=num_repeats)  # all pairs of repeats: the test's calibrated D̂
     values = b.value - mean_var.sum(-1) / dim
     user_var = estimates.var(axis=1, ddof=1)
     mc = (4 * (user_var * mean_var).sum(-1) / num_repeats + 2 * (mean_var**2).sum(-1)) / dim**2

@@ -100,8 +100,9 @@ class CheckResult:
         s, per = self.summary, self.summary["per_mdp"]
         lines = [f"{self.unit:>5} {'corr':>8} {'variance':>11} {'bias2 ± 95% CI':>24}"]
         for m in range(len(per["corr"])):
+            half_m = (per['bias2_ci_high'][m] - per['bias2_ci_low'][m]) / 2
             lines.append(f"{m:>5} {per['corr'][m]:>8.4f} {per['variance'][m]:>11.4g} "
-                         f"{per['bias2'][m]:>12.4g} ± {1.96 * per['bias2_se'][m]:<10.3g}")
+                         f"{per['bias2'][m]:>12.4g} ± {half_m:<10.3g}")
         half = (s["bias2_ci_high"] - s["bias2_ci_low"]) / 2
         lines.append(f"{'all':>5} {s['corr']:>8.4f} {s['variance']:>11.4g} "
                      f"{s['bias2']:>12.4g} ± {half:<10.3g}   mse {self.mse:.4g}")
