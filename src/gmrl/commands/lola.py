@@ -106,10 +106,13 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help=BACKEND_HELP)
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
+@click.option("--error-draws", type=int, default=16, show_default=True,
+              help="Draws of each variant's LOLA gradient at fixed points of the exact run, for "
+                   "its bias² and variance against the exact gradient (0: skip).")
 @click.option("--cpu-devices", type=int, default=None, help=CPU_DEVICES_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, backend, address,
-                       cpu_devices, progress):
+                       error_draws, cpu_devices, progress):
     """The reference LOLA-DiCE study: 11 variants, figures, curves.csv and report.md."""
     require(address is None or backend == "ray", "--address applies only to --backend ray")
     use_cpu_devices(cpu_devices)  # before JAX starts
@@ -118,15 +121,20 @@ def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, bac
     from gmrl.runs import lola as lola_runs
 
     lola_runs.check_run_size(seeds, updates, chunk, min_seeds=2)
-    names = list(lola.REFERENCE_VARIANTS) if variants.strip() == "all" else [
+    names = list(lola.STUDY_VARIANTS) if variants.strip() == "all" else [
         v.strip() for v in variants.split(",") if v.strip()]
     points = lola_runs.study_points(names, seeds, updates, seed, baseline)
+    error_points = (lola_runs.error_points(names, error_draws, seed, baseline) if error_draws
+                    else [])
     prepare_output_dir(out)
     results = lola_runs.run(points, out, chunk=chunk, backend=backend, address=address,
                             progress=progress)
     for point, result in zip(points, results, strict=True):
         click.echo(f"{point['variant']}: {lola_runs.describe(result)}")
-    lola_runs.write_study(out, points, results)
+    errors = lola_runs.run_errors(error_points, out, backend=backend, address=address,
+                                  progress=progress) if error_points else []
+    lola_runs.write_study(out, points, results,
+                          {p["variant"]: e for p, e in zip(error_points, errors, strict=True)})
     click.echo(f"wrote {out / 'report.md'}, curves.csv, joint_score.png, correlation.png, "
                "final_joint_score.png")
 
