@@ -453,6 +453,24 @@ def test_final_return_table_verdicts_and_figures(tmp_path):
     assert "Off-policy variants against inner1024" in report
     for name in ("joint_score.png", "correlation.png", "final_joint_score.png", "replay_ess.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # the controls: their own Holm family (the reference p-values do not move), one verdict line
+    # per controlled comparison with its permutation p and cooperation shares
+    results.update({"off-policy-unweighted": _fake_result(base + 0.44, 0.5, ess=300.0),
+                    "inner128-independent": _fake_result(base + 0.5, 0.2)})
+    summaries = {n: {k: v for k, v in r.items() if k != "per_seed"} for n, r in results.items()}
+    with_controls = lola_runs.final_return_tests(summaries)
+    for name, t in tests.items():
+        assert with_controls[name]["p_holm"] == pytest.approx(t["p_holm"]), name
+    errors = {n: {"at": [0, 25], "draws": 4, "bias2": [0.1, 0.0], "bias2_se": [0.1, 0.01],
+                  "variance": [2.0, 0.1], "exact_sq": [3.0, 0.2], "replay_ess": [np.nan, np.nan]}
+              for n in results}
+    lola_runs.write_report(tmp_path / "report.md", summaries, 6, 20, errors)
+    report = (tmp_path / "report.md").read_text()
+    assert "(off-policy vs off-policy-unweighted): **no significant change**" in report
+    assert "(inner128-independent vs inner128-outer128): **raises the final return**" in report
+    assert "(comp1024-hess128 vs inner128-independent): **lowers the final return**" in report
+    assert report.count("permutation p =") == 4
+    assert "## Gradient error at fixed points" in report and "| inner1024 | 0.1 ± 0.1 | 2 |" in report
 
 
 def test_exact_diagnostic_outside_the_update_matches_the_oracle():
@@ -557,3 +575,57 @@ def test_cli_baselines_match_the_library():
     from gmrl.commands import lola as command
 
     assert command.BASELINES == lola.BASELINES
+
+
+def test_permutation_test_is_exact_when_small_and_monte_carlo_agrees():
+    """Exact enumeration: of the 20 relabellings of (1, 2, 3 | 4, 5, 6) two are as extreme as the
+    observed split, p = 0.1; the Monte Carlo path agrees with the exact p (8 + 8 seeds, 12870
+    relabellings) within 4 Monte Carlo se. Mutation caught: a one-sided count (no |·|)."""
+    assert lola_runs.permutation_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert lola_runs.permutation_p([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 8), rng.normal(0.8, 1, 8)
+    exact = lola_runs.permutation_p(a, b)
+    sampled = lola_runs.permutation_p(a, b, permutations=4000, seed=1)
+    assert 0.001 < exact < 0.5
+    assert abs(sampled - exact) < 4 * np.sqrt(exact * (1 - exact) / 4000), (sampled, exact)
+
+
+def test_reference_points_keep_their_keys_and_controls_round_trip():
+    """The control switches at their defaults stay out of a point's config, so the reference
+    variants' points (and store keys) are those from before the switches; every study variant's
+    config round-trips through the point."""
+    for name, overrides in lola.STUDY_VARIANTS.items():
+        cfg = lola.LolaConfig(**overrides)
+        fields = lola_runs.config_dict(cfg)
+        assert lola_runs.lola_config(fields) == cfg, name
+        switched = bool(set(lola_runs.CONTROL_DEFAULTS) & set(fields))
+        assert switched == (name in ("off-policy-unweighted", "stale32-unweighted",
+                                     "inner128-independent")), name
+    with pytest.raises(InputError, match="only to an off-policy"):
+        lola.LolaConfig(replay_weights=False).validate()
+    with pytest.raises(InputError, match="clip-rho"):
+        lola.LolaConfig(comp_off_policy=True, replay_weights=False, clip_rho=1.0).validate()
+
+
+def test_gradient_error_draws_are_the_update_at_the_exact_runs_parameters():
+    """The exact run's first Adam step is lr·sign(g) from zero logits; each draw's estimate at a
+    point is `update`'s meta-gradient at the exact run's logits there (same key, values still 0
+    with an exact outer part); exact LOLA has zero bias² and variance. Mutation caught: the
+    draws not forced onto the exact run (their own Adam steps instead)."""
+    cfg = lola.LolaConfig(comp=16, hessian=16, outer=None, gamma=0.6, horizon=20)
+    traj = np.asarray(lola.exact_trajectory(cfg, 3))
+    with jax.enable_x64(True):
+        g0 = np.asarray(lola.exact_lola_gradients(jnp.zeros((2, 5)), cfg))
+    np.testing.assert_allclose(traj[0], 0.0)
+    np.testing.assert_allclose(traj[1], cfg.outer_lr * np.sign(g0), rtol=1e-4, atol=1e-6)
+    error = lola.gradient_error(cfg, at=(0, 2), draws=3, seed=5)
+    key_init, key_run = jax.random.split(jax.random.split(jax.random.key(5), 3)[1])
+    with jax.enable_x64(True):
+        state = lola.init_state(key_init, cfg)._replace(thetas=jnp.asarray(traj[2]))
+        direct = lola.update(state, jax.random.fold_in(key_run, 2), cfg)[1].grad
+    np.testing.assert_allclose(error.estimates[1, 1], np.asarray(direct), rtol=1e-4, atol=1e-5)
+    exact = lola.error_summary(lola.gradient_error(
+        dataclasses.replace(cfg, comp=None, hessian=None), at=(0, 2), draws=3))
+    np.testing.assert_allclose(exact["variance"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(exact["bias2"], 0.0, atol=1e-10)
