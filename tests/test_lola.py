@@ -611,8 +611,7 @@ def test_reference_points_keep_their_keys_and_controls_round_trip():
 def test_gradient_error_draws_are_the_update_at_the_exact_runs_parameters():
     """The exact run's first Adam step is lr·sign(g) from zero logits; each draw's estimate at a
     point is `update`'s meta-gradient at the exact run's logits there (same key, values still 0
-    with an exact outer part); exact LOLA has zero bias² and variance. Mutation caught: the
-    draws not forced onto the exact run (their own Adam steps instead)."""
+    with an exact outer part); exact LOLA has zero bias² and variance."""
     cfg = lola.LolaConfig(comp=16, hessian=16, outer=None, gamma=0.6, horizon=20)
     traj = np.asarray(lola.exact_trajectory(cfg, 3))
     with jax.enable_x64(True):
