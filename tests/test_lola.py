@@ -538,7 +538,8 @@ def test_interrupted_lola_study_resumes_from_the_store_to_the_same_numbers(tmp_p
     # the programs compile before any run trains, so the second (sampled) variant gets enough
     # updates to be still training when the signal arrives
     argv = [str(gmrl), "study", "lola", "--variants", ",".join(STUDY_VARIANTS), "--seeds", "2",
-            "--updates", "1000", "--chunk", "100", "--cpu-devices", "1", "--no-progress"]
+            "--updates", "1000", "--chunk", "100", "--cpu-devices", "1", "--no-progress",
+            "--error-draws", "0"]
     out = tmp_path / "study"
     process = subprocess.Popen(argv + ["--out", str(out)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
