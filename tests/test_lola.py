@@ -171,21 +171,20 @@ STALE_REPEATS = 600
 def _stale_estimates(drop_weights: bool):
     """Per repeat (a fresh stale replay and fresh batch each): player 1's inner gradient of the
     opponent's return from the replay, and its LOLA meta-gradient (step value and outer part
-    exact, Hessian part from the replay): [R, 5] each, with the exact values."""
+    exact, Hessian part from the replay): [R, 5] each, with the exact values. `drop_weights`:
+    the uncorrected control (`LolaConfig.replay_weights=False`)."""
+    cfg = dataclasses.replace(STALE, replay_weights=not drop_weights)
     thetas = jnp.asarray(_thetas(11, 0.6), jnp.float32)
     older = thetas + 0.5 * jnp.asarray(_thetas(12), jnp.float32)
     values = jnp.asarray(np.random.default_rng(13).normal(-2, 1, (2, 5)), jnp.float32)
 
     def one(key):
         key_fill, key_step = jax.random.split(key)
-        replay = lola.replay_fill(key_fill, older[0], older[1], STALE)
-        if drop_weights:  # behaviour = current policy: every weight 1, no correction
-            replay = replay._replace(behaviour=ipd.joint_log_probs(
-                thetas[0], thetas[1], replay.episodes))
-        inner = lola._opponent_gradient(STALE.hessian, True, 0, thetas[0], thetas[1], values[1],
-                                        jax.random.split(key_step)[0], replay, STALE)[0]
+        replay = lola.replay_fill(key_fill, older[0], older[1], cfg)
+        inner = lola._opponent_gradient(cfg.hessian, True, 0, thetas[0], thetas[1], values[1],
+                                        jax.random.split(key_step)[0], replay, cfg)[0]
         meta = jax.grad(lambda t: lola.meta_objective(t, 0, thetas[1], values, key_step, replay,
-                                                      STALE)[0])(thetas[0])
+                                                      cfg)[0])(thetas[0])
         return inner, meta
 
     with jax.enable_x64(True):
@@ -193,7 +192,7 @@ def _stale_estimates(drop_weights: bool):
         inner, meta = (np.asarray(x, np.float64) for x in jax.jit(jax.vmap(one))(keys))
         t64 = thetas.astype(jnp.float64)
         exact_inner = np.asarray(jax.grad(lambda t: ipd.exact_values(t64[0], t, 0.6)[1])(t64[1]))
-        exact_meta = np.asarray(lola.exact_lola_gradients(thetas, STALE), np.float64)[0]
+        exact_meta = np.asarray(lola.exact_lola_gradients(thetas, cfg), np.float64)[0]
     return (inner, exact_inner), (meta, exact_meta)
 
 
@@ -211,6 +210,52 @@ def test_stale_replay_gradients_are_unbiased_with_weights_and_biased_without():
         assert np.all(np.abs(_z(*part)) < 4), _z(*part)
     for part in _stale_estimates(drop_weights=True):
         assert np.max(np.abs(_z(*part))) > 6, _z(*part)
+
+
+def test_uncorrected_replay_equals_corrected_when_the_replay_is_on_policy():
+    """A replay filled at the current policies (and the lookahead's fresh batch, drawn there too):
+    every weight is 1 in value, so dropping the weights (`replay_weights=False`) changes neither
+    the inner gradient nor the LOLA meta-gradient, draw for draw. Mutation caught: the
+    uncorrected path also dropping the value baseline."""
+    cfg = lola.LolaConfig(comp=64, hessian=64, outer=None, comp_off_policy=True,
+                          hessian_off_policy=True, replay_size=256, gamma=0.6, horizon=40)
+    thetas = jnp.asarray(_thetas(21, 0.6), jnp.float32)
+    values = jnp.asarray(np.random.default_rng(22).normal(-2, 1, (2, 5)), jnp.float32)
+
+    def meta(key, weights):
+        c = dataclasses.replace(cfg, replay_weights=weights)
+        replay = lola.replay_fill(jax.random.split(key)[0], thetas[0], thetas[1], c)
+        return jax.grad(lambda t: lola.meta_objective(t, 0, thetas[1], values, key, replay,
+                                                      c)[0])(thetas[0])
+
+    keys = jax.random.split(jax.random.key(23), 4)
+    with jax.enable_x64(True):  # the exact outer part is float64
+        corrected, uncorrected = (np.asarray(jax.jit(jax.vmap(lambda k, w=w: meta(k, w)))(keys))
+                                  for w in (True, False))
+    np.testing.assert_allclose(uncorrected, corrected, rtol=1e-4, atol=1e-4)
+    assert np.all(np.std(corrected, 0) > 1e-3)  # the draws differ: the check is not vacuous
+
+
+def test_independent_batches_differ_draw_by_draw_and_are_unbiased_for_the_decoupled_step():
+    """128/128 with `independent_inner`: the step's value and Jacobian from independent batches.
+    Draw by draw it differs from the shared-batch estimate (same keys); in expectation it equals
+    the estimate with the same compositional batch and the exact Hessian part (the Jacobian
+    estimate is unbiased and independent of the value), |z| < 4 on the paired difference (outer
+    exact, γ = 0.6, T = 40). The shared batch need not: its value and Jacobian are correlated.
+    Mutation caught: `independent_inner` ignored (one shared batch)."""
+    base = lola.LolaConfig(comp=64, hessian=64, outer=None, gamma=0.6, horizon=40)
+    thetas = jnp.asarray(_thetas(31, 0.6), jnp.float32)
+    values = jnp.asarray(np.random.default_rng(32).normal(-2, 1, (2, 5)), jnp.float32)
+    keys = jax.random.split(jax.random.key(33), 400)
+    draws = {}
+    for name, cfg in (("shared", base),
+                      ("independent", dataclasses.replace(base, independent_inner=True)),
+                      ("hessian-exact", dataclasses.replace(base, hessian=None))):
+        draws[name] = _sampled_meta_gradients(cfg, 0, thetas, values, keys)
+    gap = np.max(np.abs(draws["independent"] - draws["shared"]), -1)
+    assert np.all(gap > 1e-4), gap.min()
+    z = _z(draws["independent"] - draws["hessian-exact"], 0.0)
+    assert np.all(np.abs(z) < 4), z
 
 
 def test_replay_is_a_fifo_of_fixed_capacity():
@@ -408,6 +453,24 @@ def test_final_return_table_verdicts_and_figures(tmp_path):
     assert "Off-policy variants against inner1024" in report
     for name in ("joint_score.png", "correlation.png", "final_joint_score.png", "replay_ess.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # the controls: their own Holm family (the reference p-values do not move), one verdict line
+    # per controlled comparison with its permutation p and cooperation shares
+    results.update({"off-policy-unweighted": _fake_result(base + 0.44, 0.5, ess=300.0),
+                    "inner128-independent": _fake_result(base + 0.5, 0.2)})
+    summaries = {n: {k: v for k, v in r.items() if k != "per_seed"} for n, r in results.items()}
+    with_controls = lola_runs.final_return_tests(summaries)
+    for name, t in tests.items():
+        assert with_controls[name]["p_holm"] == pytest.approx(t["p_holm"]), name
+    errors = {n: {"at": [0, 25], "draws": 4, "bias2": [0.1, 0.0], "bias2_se": [0.1, 0.01],
+                  "variance": [2.0, 0.1], "exact_sq": [3.0, 0.2], "replay_ess": [np.nan, np.nan]}
+              for n in results}
+    lola_runs.write_report(tmp_path / "report.md", summaries, 6, 20, errors)
+    report = (tmp_path / "report.md").read_text()
+    assert "(off-policy vs off-policy-unweighted): **no significant change**" in report
+    assert "(inner128-independent vs inner128-outer128): **raises the final return**" in report
+    assert "(comp1024-hess128 vs inner128-independent): **lowers the final return**" in report
+    assert report.count("permutation p =") == 4
+    assert "## Gradient error at fixed points" in report and "| inner1024 | 0.1 ± 0.1 | 2 |" in report
 
 
 def test_exact_diagnostic_outside_the_update_matches_the_oracle():
@@ -475,7 +538,8 @@ def test_interrupted_lola_study_resumes_from_the_store_to_the_same_numbers(tmp_p
     # the programs compile before any run trains, so the second (sampled) variant gets enough
     # updates to be still training when the signal arrives
     argv = [str(gmrl), "study", "lola", "--variants", ",".join(STUDY_VARIANTS), "--seeds", "2",
-            "--updates", "1000", "--chunk", "100", "--cpu-devices", "1", "--no-progress"]
+            "--updates", "1000", "--chunk", "100", "--cpu-devices", "1", "--no-progress",
+            "--error-draws", "0"]
     out = tmp_path / "study"
     process = subprocess.Popen(argv + ["--out", str(out)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -512,3 +576,56 @@ def test_cli_baselines_match_the_library():
     from gmrl.commands import lola as command
 
     assert command.BASELINES == lola.BASELINES
+
+
+def test_permutation_test_is_exact_when_small_and_monte_carlo_agrees():
+    """Exact enumeration: of the 20 relabellings of (1, 2, 3 | 4, 5, 6) two are as extreme as the
+    observed split, p = 0.1; the Monte Carlo path agrees with the exact p (8 + 8 seeds, 12870
+    relabellings) within 4 Monte Carlo se. Mutation caught: a one-sided count (no |·|)."""
+    assert lola_runs.permutation_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert lola_runs.permutation_p([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 8), rng.normal(0.8, 1, 8)
+    exact = lola_runs.permutation_p(a, b)
+    sampled = lola_runs.permutation_p(a, b, permutations=4000, seed=1)
+    assert 0.001 < exact < 0.5
+    assert abs(sampled - exact) < 4 * np.sqrt(exact * (1 - exact) / 4000), (sampled, exact)
+
+
+def test_reference_points_keep_their_keys_and_controls_round_trip():
+    """The control switches at their defaults stay out of a point's config, so the reference
+    variants' points (and store keys) are those from before the switches; every study variant's
+    config round-trips through the point."""
+    for name, overrides in lola.STUDY_VARIANTS.items():
+        cfg = lola.LolaConfig(**overrides)
+        fields = lola_runs.config_dict(cfg)
+        assert lola_runs.lola_config(fields) == cfg, name
+        switched = bool(set(lola_runs.CONTROL_DEFAULTS) & set(fields))
+        assert switched == (name in ("off-policy-unweighted", "stale32-unweighted",
+                                     "inner128-independent")), name
+    with pytest.raises(InputError, match="only to an off-policy"):
+        lola.LolaConfig(replay_weights=False).validate()
+    with pytest.raises(InputError, match="clip-rho"):
+        lola.LolaConfig(comp_off_policy=True, replay_weights=False, clip_rho=1.0).validate()
+
+
+def test_gradient_error_draws_are_the_update_at_the_exact_runs_parameters():
+    """The exact run's first Adam step is lr·sign(g) from zero logits; each draw's estimate at a
+    point is `update`'s meta-gradient at the exact run's logits there (same key, values still 0
+    with an exact outer part); exact LOLA has zero bias² and variance."""
+    cfg = lola.LolaConfig(comp=16, hessian=16, outer=None, gamma=0.6, horizon=20)
+    traj = np.asarray(lola.exact_trajectory(cfg, 3))
+    with jax.enable_x64(True):
+        g0 = np.asarray(lola.exact_lola_gradients(jnp.zeros((2, 5)), cfg))
+    np.testing.assert_allclose(traj[0], 0.0)
+    np.testing.assert_allclose(traj[1], cfg.outer_lr * np.sign(g0), rtol=1e-4, atol=1e-6)
+    error = lola.gradient_error(cfg, at=(0, 2), draws=3, seed=5)
+    key_init, key_run = jax.random.split(jax.random.split(jax.random.key(5), 3)[1])
+    with jax.enable_x64(True):
+        state = lola.init_state(key_init, cfg)._replace(thetas=jnp.asarray(traj[2]))
+        direct = lola.update(state, jax.random.fold_in(key_run, 2), cfg)[1].grad
+    np.testing.assert_allclose(error.estimates[1, 1], np.asarray(direct), rtol=1e-4, atol=1e-5)
+    exact = lola.error_summary(lola.gradient_error(
+        dataclasses.replace(cfg, comp=None, hessian=None), at=(0, 2), draws=3))
+    np.testing.assert_allclose(exact["variance"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(exact["bias2"], 0.0, atol=1e-10)

@@ -53,6 +53,11 @@ class LolaConfig:
     episodes, as in the reference code (Liu, Feng et al. 2022, lola_dice_off_policy*.py).
     clip_rho: truncate each per-decision ratio at c, ρ̄_t = min(ρ_t, c) (None: no truncation);
     lowers the variance of stale-replay estimates at the price of a bias.
+    replay_weights: False drops the importance weights over the replay (the uncorrected
+    off-policy control: the stale episodes are read as if drawn at the current policies).
+    independent_inner: the value and the Jacobian of a step come from independent batches even
+    when both parts have the same size and policy (the control for the unequal variants, which
+    always decouple them); False shares one batch, as the reference code does.
     baseline: "return" fits the value table V(s_t) to the discounted return-to-go and uses it in
     every sampled part; "reference" fits it to r_t and leaves the on-policy inner parts of the
     off-policy variants without a baseline, as the reference code does.
@@ -65,6 +70,8 @@ class LolaConfig:
     hessian_off_policy: bool = False
     replay_size: int = 1024
     clip_rho: float | None = None
+    replay_weights: bool = True
+    independent_inner: bool = False
     lookaheads: int = 1
     inner_lr: float = 0.3
     outer_lr: float = 0.1
@@ -92,6 +99,10 @@ class LolaConfig:
                 f"clip-rho must be > 0 (or none), got {self.clip_rho}")
         require(self.clip_rho is None or self.off_policy,
                 "clip-rho applies only to an off-policy part (--off-policy*)")
+        require(self.replay_weights or self.off_policy,
+                "dropping the replay weights applies only to an off-policy part (--off-policy*)")
+        require(self.replay_weights or self.clip_rho is None,
+                "clip-rho truncates the replay weights: not with the weights dropped")
         require(self.baseline in BASELINES,
                 f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         require(self.lookaheads >= 1, f"lookaheads must be >= 1, got {self.lookaheads}")
@@ -108,7 +119,8 @@ class LolaConfig:
     @property
     def shared_inner(self) -> bool:
         """Whether the value and Jacobian of a step come from one and the same estimate."""
-        return self.comp == self.hessian and self.comp_off_policy == self.hessian_off_policy
+        return (self.comp == self.hessian and self.comp_off_policy == self.hessian_off_policy
+                and not self.independent_inner)
 
     def inner_baseline(self, off_policy_part: bool) -> bool:
         """Whether an inner (lookahead) part uses the value baseline."""
@@ -282,6 +294,8 @@ def _opponent_gradient(source: int | None, off_policy: bool, player: int, theta_
         fresh, behaviour = replay.episodes, replay.behaviour
         current = ipd.joint_log_probs(*thetas, fresh)
         stats = weight_stats(current, truncated_behaviour(current, behaviour, cfg.clip_rho))
+        if not cfg.replay_weights:  # uncorrected: every ratio 1, the replay read as on-policy
+            behaviour = None
     else:
         behaviour = None
     baseline = cfg.inner_baseline(off_policy)
@@ -637,3 +651,134 @@ REFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
     "on-comp-off-hess": dict(hessian_off_policy=True),
 }
 """The reference study's 11 variants (Liu et al. 2022, LOLA-DiCE): LolaConfig overrides."""
+
+CONTROL_VARIANTS: dict[str, dict[str, Any]] = {
+    "off-policy-unweighted": dict(comp_off_policy=True, hessian_off_policy=True,
+                                  replay_weights=False),
+    "stale32-off-policy": dict(comp=32, hessian=32, comp_off_policy=True, hessian_off_policy=True),
+    "stale32-unweighted": dict(comp=32, hessian=32, comp_off_policy=True, hessian_off_policy=True,
+                               replay_weights=False),
+    "inner32": dict(comp=32, hessian=32),
+    "inner128-independent": dict(independent_inner=True),
+}
+"""The controls that identify the study's claims (LolaConfig overrides): the replay without its
+importance weights; a high-staleness design (32 fresh episodes per lookahead into the 1024-episode
+replay: an episode survives 16 updates) corrected and uncorrected, with its fresh-32 twin (the
+fresh-1024 twin is `inner1024`); and 128/128 with independent batches for the step's value and
+Jacobian (every unequal variant decouples them)."""
+
+STUDY_VARIANTS: dict[str, dict[str, Any]] = {**REFERENCE_VARIANTS, **CONTROL_VARIANTS}
+"""`gmrl study lola`'s variants: the reference study's, then the controls."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The LOLA gradient's error at fixed parameter points (bias² and variance against the oracle)
+
+
+def _exact_run_config(cfg: LolaConfig) -> LolaConfig:
+    return LolaConfig(comp=None, hessian=None, outer=None, lookaheads=cfg.lookaheads,
+                      inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr, gamma=cfg.gamma,
+                      horizon=cfg.horizon)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_updates"))
+def _exact_trajectory(cfg: LolaConfig, num_updates: int) -> Array:
+    state = init_state(jax.random.key(0), cfg)
+
+    def body(state, index):
+        return update(state, jax.random.key(0), cfg)[0], state.thetas
+
+    return lax.scan(body, state, jnp.arange(num_updates))[1]
+
+
+def exact_trajectory(cfg: LolaConfig, num_updates: int) -> Array:
+    """Both players' logits before each of `num_updates` exact LOLA updates from the initial
+    policies (every part exact, Adam at cfg.outer_lr): the fixed points. [U, 2, 5] float32."""
+    with jax.enable_x64(True):
+        return _exact_trajectory(_exact_run_config(cfg), num_updates)
+
+
+def _forced_draw(key: Array, trajectory: Array, cfg: LolaConfig) -> tuple[Array, Array]:
+    """One draw of the meta-gradients along `trajectory` [U, 2, 5]: every update of `update` runs
+    with both players' logits forced to the trajectory's, so the learned values and (off-policy)
+    the replay evolve as in training, at the trajectory's pace. Returns grads [U, 2, 5] and the
+    replay ESS [U, 2] (NaN on-policy)."""
+    key_init, key_run = jax.random.split(key)
+    state = init_state(key_init, cfg)
+
+    def body(state, inputs):
+        thetas, index = inputs
+        state, metrics = update(state._replace(thetas=thetas), jax.random.fold_in(key_run, index),
+                                cfg)
+        return state, (metrics.grad, metrics.ess)
+
+    return lax.scan(body, state, (trajectory, jnp.arange(trajectory.shape[0])))[1]
+
+
+_forced_draws = jax.jit(jax.vmap(_forced_draw, (0, None, None)), static_argnames="cfg")
+
+
+class GradientError(NamedTuple):
+    """The LOLA gradient estimate at fixed points along the exact run (`gradient_error`).
+
+    at [P]                 update index of each point on the exact run
+    estimates [P, D, 2, 5] the draws (both players)
+    exact [P, 2, 5]        the exact LOLA gradient of the infinite game (the study's oracle)
+    exact_horizon [P, 2, 5] ... of the first T steps (what T-step episodes estimate)
+    ess [P]                mean replay ESS at each point (NaN on-policy)
+    """
+
+    at: np.ndarray
+    estimates: np.ndarray
+    exact: np.ndarray
+    exact_horizon: np.ndarray
+    ess: np.ndarray
+
+
+def gradient_error(cfg: LolaConfig, at=(0, 25, 100), draws: int = 32, seed: int = 0) -> GradientError:
+    """`draws` independent estimates of both players' LOLA gradients at the exact run's
+    parameters before the updates `at` (0: the initial policies), with the exact oracles.
+
+    Each draw replays updates 0..max(at) with the logits forced to the exact run's
+    (`_forced_draw`), so the replay's staleness and the learned value baseline are those of a
+    run moving at exact LOLA's pace; the draws are vmapped in one program.
+    """
+    cfg.validate()
+    at = np.asarray(sorted(set(int(a) for a in at)))
+    require(len(at) >= 1 and at[0] >= 0, f"points must be update indices >= 0, got {at.tolist()}")
+    require(draws >= 3, f"draws must be >= 3 (bias² needs 3), got {draws}")
+    trajectory = exact_trajectory(cfg, int(at[-1]) + 1)
+    keys = jax.random.split(jax.random.key(seed), draws)
+    with jax.enable_x64(cfg.has_exact_part):
+        grads, ess = _forced_draws(keys, trajectory, cfg)
+    points = trajectory[at]
+    with jax.enable_x64(True):
+        exact = np.stack([np.asarray(exact_lola_gradients(t, cfg), np.float64) for t in points])
+        finite = np.stack([np.asarray(exact_lola_gradients(t, cfg, cfg.horizon), np.float64)
+                           for t in points])
+    grads = np.asarray(grads, np.float64)[:, at].transpose(1, 0, 2, 3)
+    return GradientError(at, grads, exact, finite, _nanmean_np(np.asarray(ess)[:, at]))
+
+
+def _nanmean_np(x: np.ndarray) -> np.ndarray:
+    """Mean over draws and players, NaN (no warning) where all are NaN. [D, P, 2] -> [P]."""
+    x = np.asarray(x, np.float64).transpose(1, 0, 2).reshape(x.shape[1], -1)
+    count = np.sum(~np.isnan(x), -1)
+    return np.where(count > 0, np.nansum(x, -1) / np.maximum(count, 1), np.nan)
+
+
+def error_summary(error: GradientError) -> dict[str, list[float]]:
+    """Per point (players pooled: 10 coordinates): bias² per coordinate (unbiased, `stats.bias2`)
+    and its jackknife se against the infinite-game oracle and against the T-step oracle, the
+    variance per coordinate (`stats.variance`), the exact gradient's mean square per coordinate
+    (its scale) and the replay ESS. {name: [P]}."""
+    est = error.estimates.reshape(*error.estimates.shape[:2], -1)  # [P, D, 10]
+    out: dict[str, list[float]] = {"at": error.at.tolist()}
+    for name, truth in (("", error.exact), ("_horizon", error.exact_horizon)):
+        b = stats.bias2(est, truth.reshape(truth.shape[0], -1))
+        out[f"bias2{name}"] = b.value.tolist()
+        out[f"bias2{name}_se"] = b.se.tolist()
+    out["variance"] = stats.variance(est).tolist()
+    out["exact_sq"] = np.mean(error.exact.reshape(error.exact.shape[0], -1) ** 2, -1).tolist()
+    out["replay_ess"] = error.ess.tolist()
+    return out

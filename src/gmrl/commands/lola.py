@@ -1,4 +1,4 @@
-"""`gmrl lola` (one LOLA-DiCE variant on the IPD) and `gmrl study lola` (the 11 reference variants).
+"""`gmrl lola` (one LOLA-DiCE variant on the IPD) and `gmrl study lola` (the reference variants and controls).
 
 Thin CLI code over `gmrl.runs.lola` (runs as points of the sweep engine and result store) and
 `gmrl.algos.lola` (the algorithm). Library imports happen inside the commands, so that loading
@@ -38,6 +38,11 @@ BACKEND_HELP = "local: in-process; ray: one Ray task per run (see --address)."
 @click.option("--clip-rho", type=float, default=None,
               help="Truncate each per-decision importance ratio at this value (less variance, "
                    "some bias); default: no truncation.")
+@click.option("--replay-weights/--no-replay-weights", default=True, show_default=True,
+              help="--no-replay-weights: the replay without importance weights (uncorrected "
+                   "control).")
+@click.option("--independent-inner", is_flag=True,
+              help="Step value and Jacobian from independent batches even at equal sizes.")
 @click.option("--lookaheads", "-K", type=int, default=1, show_default=True,
               help="Opponent lookahead steps K.")
 @click.option("--inner-lr", type=float, default=0.3, show_default=True)
@@ -59,8 +64,8 @@ BACKEND_HELP = "local: in-process; ray: one Ray task per run (see --address)."
 @click.option("--cpu-devices", type=int, default=None, help=CPU_DEVICES_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_policy_hessian,
-                 replay_size, clip_rho, lookaheads, inner_lr, outer_lr, value_lr,
-                 baseline, gamma, horizon, seeds, updates, seed, chunk, out, cpu_devices,
+                 replay_size, clip_rho, replay_weights, independent_inner, lookaheads, inner_lr,
+                 outer_lr, value_lr, baseline, gamma, horizon, seeds, updates, seed, chunk, out, cpu_devices,
                  progress):
     """LOLA-DiCE on the iterated prisoner's dilemma, with the exact LOLA gradient beside it."""
     use_cpu_devices(cpu_devices)  # before JAX starts
@@ -76,7 +81,8 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
         outer=lola_runs.parse_source(outer, "--outer"),
         comp_off_policy=off_policy or off_policy_comp,
         hessian_off_policy=off_policy or off_policy_hessian,
-        replay_size=replay_size, clip_rho=clip_rho, lookaheads=lookaheads,
+        replay_size=replay_size, clip_rho=clip_rho, replay_weights=replay_weights,
+        independent_inner=independent_inner, lookaheads=lookaheads,
         inner_lr=inner_lr, outer_lr=outer_lr, value_lr=value_lr, baseline=baseline,
         gamma=gamma, horizon=horizon).validate()
     point = lola_runs.run_config(cfg, seeds, updates, seed, "lola")
@@ -96,7 +102,7 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
 @click.option("--updates", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--variants", default="all", show_default=True,
-              help="Comma-separated subset of the reference variants (see docs/lola.md), or all.")
+              help="Comma-separated subset of the study variants (see docs/lola.md), or all.")
 @click.option("--baseline", type=click.Choice(BASELINES), default="return", show_default=True,
               help=BASELINE_HELP)
 @click.option("--chunk", type=int, default=50, show_default=True)
@@ -106,11 +112,14 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help=BACKEND_HELP)
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
+@click.option("--error-draws", type=int, default=16, show_default=True,
+              help="Draws of each variant's LOLA gradient at fixed points of the exact run, for "
+                   "its bias² and variance against the exact gradient (0: skip).")
 @click.option("--cpu-devices", type=int, default=None, help=CPU_DEVICES_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, backend, address,
-                       cpu_devices, progress):
-    """The reference LOLA-DiCE study: 11 variants, figures, curves.csv and report.md."""
+                       error_draws, cpu_devices, progress):
+    """The LOLA-DiCE study: 11 reference variants and 5 controls, figures, curves.csv, report.md."""
     require(address is None or backend == "ray", "--address applies only to --backend ray")
     use_cpu_devices(cpu_devices)  # before JAX starts
     from gmrl.algos import lola
@@ -118,15 +127,20 @@ def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, bac
     from gmrl.runs import lola as lola_runs
 
     lola_runs.check_run_size(seeds, updates, chunk, min_seeds=2)
-    names = list(lola.REFERENCE_VARIANTS) if variants.strip() == "all" else [
+    names = list(lola.STUDY_VARIANTS) if variants.strip() == "all" else [
         v.strip() for v in variants.split(",") if v.strip()]
     points = lola_runs.study_points(names, seeds, updates, seed, baseline)
+    error_points = (lola_runs.error_points(names, error_draws, seed, baseline) if error_draws
+                    else [])
     prepare_output_dir(out)
     results = lola_runs.run(points, out, chunk=chunk, backend=backend, address=address,
                             progress=progress)
     for point, result in zip(points, results, strict=True):
         click.echo(f"{point['variant']}: {lola_runs.describe(result)}")
-    lola_runs.write_study(out, points, results)
+    errors = lola_runs.run_errors(error_points, out, backend=backend, address=address,
+                                  progress=progress) if error_points else []
+    lola_runs.write_study(out, points, results,
+                          {p["variant"]: e for p, e in zip(error_points, errors, strict=True)})
     click.echo(f"wrote {out / 'report.md'}, curves.csv, joint_score.png, correlation.png, "
                "final_joint_score.png")
 

@@ -45,10 +45,17 @@ def parse_source(text: str | None, option: str) -> int | None:
 SOURCES = ("comp", "hessian", "outer")
 
 
+CONTROL_DEFAULTS = {"replay_weights": True, "independent_inner": False}
+"""The control switches, left out of a point's config at these defaults: the points (and store
+keys) of the reference variants are those they had before the switches existed."""
+
+
 def config_dict(cfg) -> dict[str, Any]:
-    """LolaConfig as JSON data: a batch size (comp, hessian, outer) of None is written 'exact'."""
+    """LolaConfig as JSON data: a batch size (comp, hessian, outer) of None is written 'exact';
+    the control switches at their defaults are left out (`CONTROL_DEFAULTS`)."""
     return {k: ("exact" if k in SOURCES and v is None else v)
-            for k, v in dataclasses.asdict(cfg).items()}
+            for k, v in dataclasses.asdict(cfg).items()
+            if not (k in CONTROL_DEFAULTS and v == CONTROL_DEFAULTS[k])}
 
 
 def lola_config(fields: Mapping[str, Any]):
@@ -75,13 +82,13 @@ def run_config(cfg, seeds: int, updates: int, seed: int, variant: str = "custom"
 
 def study_points(names: Sequence[str], seeds: int, updates: int, seed: int,
                  baseline: str = "return") -> list[dict[str, Any]]:
-    """Points of the reference variants `names` (keys of `gmrl.algos.lola.REFERENCE_VARIANTS`)."""
+    """Points of the study variants `names` (keys of `gmrl.algos.lola.STUDY_VARIANTS`)."""
     from gmrl.algos import lola
 
-    unknown = [n for n in names if n not in lola.REFERENCE_VARIANTS]
+    unknown = [n for n in names if n not in lola.STUDY_VARIANTS]
     require(not unknown and bool(names), f"unknown variant(s) {', '.join(unknown) or '(none given)'}"
-            f"; allowed: {', '.join(lola.REFERENCE_VARIANTS)}")
-    return [run_config(lola.LolaConfig(**lola.REFERENCE_VARIANTS[n], baseline=baseline), seeds,
+            f"; allowed: {', '.join(lola.STUDY_VARIANTS)}")
+    return [run_config(lola.LolaConfig(**lola.STUDY_VARIANTS[n], baseline=baseline), seeds,
                        updates, seed, n) for n in names]
 
 
@@ -273,6 +280,43 @@ def describe(summary: Mapping[str, Any]) -> str:
             f"{summary['run_seconds']:.1f} s + {summary['compile_seconds']:.1f} s compile")
 
 
+ERROR_AT = (0, 25, 100)
+"""The fixed points of the gradient-error measurement: updates of the exact LOLA run."""
+
+
+def error_points(names: Sequence[str], draws: int, seed: int, baseline: str = "return",
+                 at: Sequence[int] = ERROR_AT) -> list[dict[str, Any]]:
+    """Points of the gradient-error measurement (`gmrl.algos.lola.gradient_error`) of the study
+    variants `names`."""
+    require(draws >= 3, f"--error-draws must be >= 3 (bias² needs 3) or 0 (none), got {draws}")
+    return [{**p, "study": "lola-gradient-error", "draws": int(draws), "at": [int(a) for a in at],
+             "seeds": None, "updates": None}
+            for p in study_points(names, 2, 1, seed, baseline)]
+
+
+def gradient_error_point(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Compute a gradient-error point: `gmrl.algos.lola.error_summary` with draws and seconds."""
+    import time
+
+    from gmrl.algos import lola
+
+    started = time.perf_counter()
+    error = lola.gradient_error(lola_config(config["config"]), config["at"], config["draws"],
+                                config["seed"])
+    summary = lola.error_summary(error)
+    summary.update(draws=config["draws"], seconds=round(time.perf_counter() - started, 2))
+    return io.to_jsonable(summary)
+
+
+def run_errors(points: Sequence[Mapping[str, Any]], out: Path | None, *, backend: str = "local",
+               address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Results of the gradient-error `points` from OUT/results.sqlite, computing the missing."""
+    from gmrl.runs import run_points
+
+    return run_points(points, gradient_error_point, out, backend=backend, address=address,
+                      progress=progress, description="lola gradient error")
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs written from stored results
 
@@ -314,20 +358,105 @@ def _welch(a: Mapping[str, Any], b: Mapping[str, Any], field: str) -> dict[str, 
 
 def final_return_tests(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Each variant's final joint score against the 128/128 baseline: Welch difference, 95% CI,
-    p-value, Holm-adjusted over all variants compared, and the smallest difference detectable
-    with 80% power at the strictest Holm level. {variant: {...}}; empty without the baseline."""
+    p-value, Holm-adjusted within its family (the reference variants; the controls of
+    `gmrl.algos.lola.CONTROL_VARIANTS` are their own family, so adding them leaves the reference
+    p-values as they were), and the smallest difference detectable with 80% power at the
+    strictest Holm level. {variant: {...}}; empty without the baseline."""
+    from gmrl.algos.lola import CONTROL_VARIANTS
     from gmrl.stats import detectable_difference, holm_adjust
 
     base = summaries.get(BASELINE)
     if base is None:
         return {}
-    names = [n for n in summaries if n != BASELINE]
-    tests = {n: _welch(summaries[n], base, "per_seed_final_joint_score") for n in names}
-    adjusted = holm_adjust([tests[n]["p"] for n in names]) if names else []
-    for name, p_holm in zip(names, adjusted, strict=True):
-        tests[name]["p_holm"] = float(p_holm)
-        tests[name]["detectable"] = detectable_difference(tests[name]["se"], len(names))
-    return tests
+    tests = {}
+    for controls in (False, True):
+        names = [n for n in summaries if n != BASELINE and (n in CONTROL_VARIANTS) == controls]
+        family = {n: _welch(summaries[n], base, "per_seed_final_joint_score") for n in names}
+        adjusted = holm_adjust([family[n]["p"] for n in names]) if names else []
+        for name, p_holm in zip(names, adjusted, strict=True):
+            family[name]["p_holm"] = float(p_holm)
+            family[name]["detectable"] = detectable_difference(family[name]["se"], len(names))
+        tests.update(family)
+    return {n: tests[n] for n in summaries if n in tests}
+
+
+PERMUTATIONS = 20000
+"""Random relabellings of a permutation test (its p-value's Monte Carlo se ≤ 0.0035)."""
+
+
+def permutation_p(a, b, permutations: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided permutation test of equal means (Fisher 1935; Pitman 1937): the share of
+    relabellings of the pooled samples whose |mean difference| is at least the observed one.
+    Exact (every relabelling) when there are at most `permutations` of them; otherwise
+    `permutations` random ones, p = (1 + count) / (1 + permutations) (Phipson & Smyth 2010)."""
+    from itertools import combinations
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    require(a.ndim == b.ndim == 1 and len(a) >= 1 and len(b) >= 1,
+            "a permutation test needs two 1-D samples")
+    pooled = np.concatenate([a, b])
+    n, total = len(a), len(pooled)
+    observed = abs(a.mean() - b.mean())
+    tolerance = 1e-12 * max(1.0, observed)
+    if math.comb(total, n) <= permutations:
+        masks = np.zeros((math.comb(total, n), total), bool)
+        for row, chosen in enumerate(combinations(range(total), n)):
+            masks[row, list(chosen)] = True
+        exact = True
+    else:
+        order = np.argsort(np.random.default_rng(seed).random((permutations, total)), axis=1)
+        masks = order < n
+        exact = False
+    diffs = np.abs((masks * pooled).sum(1) / n - (~masks * pooled).sum(1) / (total - n))
+    count = int(np.sum(diffs >= observed - tolerance))
+    return count / len(masks) if exact else (1 + count) / (1 + permutations)
+
+
+CONTRASTS = (
+    ("importance weights on the reference replay (128 fresh of 1024)", "off-policy",
+     "off-policy-unweighted"),
+    ("the reference replay uncorrected against 1024 fresh episodes", "off-policy-unweighted",
+     "inner1024"),
+    ("importance weights at high staleness (32 fresh of 1024)", "stale32-off-policy",
+     "stale32-unweighted"),
+    ("the stale replay, corrected, against its 32 fresh episodes alone", "stale32-off-policy",
+     "inner32"),
+    ("the stale replay, uncorrected, against its 32 fresh episodes alone", "stale32-unweighted",
+     "inner32"),
+    ("the stale replay, corrected, against 1024 fresh episodes", "stale32-off-policy", "inner1024"),
+    ("independent batches for the step's value and Jacobian at 128/128", "inner128-independent",
+     BASELINE),
+    ("the Hessian part with 1024 episodes, both arms with independent batches",
+     "comp128-hess1024", "inner128-independent"),
+    ("the compositional part with 1024 episodes, both arms with independent batches",
+     "comp1024-hess128", "inner128-independent"),
+)
+"""The controlled comparisons (claim, variant, control): each isolates one claim of the study."""
+
+
+def contrast_tests(summaries: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The `CONTRASTS` whose two variants are both present: the final joint score's Welch
+    difference (variant − control) and a permutation test, each Holm-adjusted over these
+    contrasts, and both arms' mutual-cooperation fractions."""
+    from gmrl.stats import detectable_difference, holm_adjust
+
+    rows = []
+    for what, name, control in CONTRASTS:
+        if name in summaries and control in summaries:
+            a, b = summaries[name], summaries[control]
+            row = _welch(a, b, "per_seed_final_joint_score")
+            row.update(what=what, variant=name, control=control,
+                       p_perm=permutation_p(a["per_seed_final_joint_score"],
+                                            b["per_seed_final_joint_score"]),
+                       coop=a["mutual_cooperation"], coop_control=b["mutual_cooperation"])
+            rows.append(row)
+    for key in ("p", "p_perm"):
+        for row, adjusted in zip(rows, holm_adjust([r[key] for r in rows]) if rows else [],
+                                 strict=True):
+            row[f"{key}_holm"] = float(adjusted)
+    for row in rows:
+        row["detectable"] = detectable_difference(row["se"], len(rows))
+    return rows
 
 
 def seeds_to_detect(seeds: int, test: Mapping[str, float]) -> float:
@@ -347,8 +476,10 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: int,
-                 updates: int) -> Path:
-    """report.md: the final-return table and verdicts, then the gradient correlations."""
+                 updates: int, errors: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """report.md: the final-return table and verdicts, the controlled comparisons, the gradient
+    correlations and (with `errors`, {variant: `gradient_error_point` result}) the LOLA
+    gradient's bias² and variance at fixed points."""
     first = next(iter(summaries.values()), {})
     horizon = first.get("config", {}).get("horizon", "T")
     window = first.get("final_window", final_window(updates))
@@ -364,7 +495,8 @@ def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: 
         f"Final joint score: per seed, the mean over its last {window} updates (10%) of both "
         f"players' expected per-step reward over a {horizon}-step episode, computed exactly "
         "from the policies (−1 mutual cooperation, −2 mutual defection). Δ: difference from "
-        f"{BASELINE} (Welch), p Holm-corrected over the {len(tests)} variants compared. "
+        f"{BASELINE} (Welch), p Holm-corrected over the reference variants compared (the "
+        "controls, below the reference variants, are their own Holm family). "
         f"Mutual cooperation: fraction of seeds whose final joint score is ≥ {MUTUAL_COOPERATION}"
         " (within a tenth of the way from mutual cooperation to mutual defection). "
         f"{EXACT} is exact LOLA. Seconds: the run's, and its program's compilation (a study "
@@ -406,8 +538,59 @@ def write_report(path: Path, summaries: Mapping[str, Mapping[str, Any]], seeds: 
                       "cannot be told from noise: `--seeds` is the lever (the detectable "
                       "difference shrinks as 1/√seeds). Seeds at which the observed difference "
                       f"would be detected with 80% power: {needs}."]
+    lines += _contrast_section(summaries)
     lines += _correlation_section(summaries)
+    if errors:
+        lines += _error_section(errors)
     return io.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _contrast_section(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One verdict line per controlled comparison (`contrast_tests`)."""
+    rows = contrast_tests(summaries)
+    if not rows:
+        return []
+    lines = ["", "## Controls: what each claim is due to", "",
+             "Each line compares a variant with the control that differs from it in one thing "
+             "only: final joint score difference (variant − control, Welch) with Holm over the "
+             f"{len(rows)} comparisons; the permutation test's p (Holm) and the share of seeds "
+             "ending in mutual cooperation beside it.", ""]
+    for r in rows:
+        verdict = _verdict({"p_holm": r["p_holm"], "diff": r["diff"]})
+        lines.append(
+            f"- {r['what']} ({r['variant']} vs {r['control']}): **{verdict}** — Δ "
+            f"{r['diff']:+.3f} ± {r['hw']:.3f}, p = {r['p_holm']:.3g} (Welch, Holm), "
+            f"permutation p = {r['p_perm_holm']:.3g} (Holm); mutual cooperation "
+            f"{r['coop']:.0%} vs {r['coop_control']:.0%}; detectable with 80% power: "
+            f"±{r['detectable']:.3f}.")
+    return lines
+
+
+def _error_section(errors: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The table of bias² and variance per coordinate at the fixed points."""
+    first = next(iter(errors.values()))
+    at = first["at"]
+    lines = ["", "## Gradient error at fixed points", "",
+             f"Both players' LOLA gradient estimates ({first['draws']} independent draws per "
+             "variant) at the exact LOLA run's parameters before updates "
+             f"{', '.join(map(str, at))} (0: the initial policies); every draw replays the "
+             "updates up to the point with the logits forced to the exact run's, so the value "
+             "baseline and the replay's staleness are those of a run at that pace. Per "
+             "coordinate (10: both players): bias² (unbiased, ± jackknife se) against the "
+             "exact LOLA gradient of the infinite game (the correlation's oracle), variance, "
+             "and the replay's ESS. The exact gradient's mean square per coordinate: "
+             + ", ".join(f"{_fmt(x, 4)} (update {u})" for u, x in zip(at, first["exact_sq"],
+                                                                     strict=True)) + ".", "",
+             "| variant | " + " | ".join(f"bias² @{u} | variance @{u}" for u in at)
+             + " | replay ESS @" + "/".join(map(str, at)) + " |",
+             "|---|" + "---|---|" * len(at) + "---|"]
+    for name, e in errors.items():
+        cells = [f"{e['bias2'][i]:.3g} ± {e['bias2_se'][i]:.2g} | {e['variance'][i]:.3g}"
+                 for i in range(len(at))]
+        ess = ("—" if not np.any(np.isfinite(e["replay_ess"])) else
+               "/".join(f"{x:.0f}" for x in e["replay_ess"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ess} |")
+    return lines
 
 
 def _correlation_section(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -582,8 +765,10 @@ def _plot_ess(folder: Path, results, names) -> Path:
 
 
 def write_study(out: Path, points: Sequence[Mapping[str, Any]],
-                results: Sequence[Mapping[str, Any]]) -> list[Path]:
-    """Per-variant CSVs (runs/NAME.csv), curves.csv, the figures and report.md of a study."""
+                results: Sequence[Mapping[str, Any]],
+                errors: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
+    """Per-variant CSVs (runs/NAME.csv), curves.csv, the figures and report.md of a study
+    (with `errors`, {variant: gradient-error result}, its section and gradient_error.json)."""
     by_name = {p["variant"]: r for p, r in zip(points, results, strict=True)}
     summaries = {n: {k: v for k, v in r.items() if k != "per_seed"} for n, r in by_name.items()}
     written = [io.atomic_write_csv(out / "runs" / f"{name}.csv", per_seed_rows(r["per_seed"]))
@@ -592,5 +777,8 @@ def write_study(out: Path, points: Sequence[Mapping[str, Any]],
     written.append(io.atomic_write_csv(out / "curves.csv", rows))
     written += plot_study(out, by_name)
     first = points[0]
-    written.append(write_report(out / "report.md", summaries, first["seeds"], first["updates"]))
+    if errors:
+        written.append(io.atomic_write_json(out / "gradient_error.json", dict(errors)))
+    written.append(write_report(out / "report.md", summaries, first["seeds"], first["updates"],
+                                errors))
     return written
