@@ -11,8 +11,10 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -86,9 +88,34 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` (arrays allowed) as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2) + "\n")
+def atomic_write_json(path: str | os.PathLike, data: Any,
+                      null_reasons: Mapping[str, str] | None = None) -> Path:
+    """Write `data` (arrays allowed) as indented JSON, atomically.
+
+    With `null_reasons` (a dict, possibly empty) the file is strict JSON: every NaN or infinity
+    becomes null and, if `data` is a dict, its "nulls" entry maps the dotted path of each such
+    value to the reason (null_reasons[top-level key], else what the value was).
+    """
+    data = to_jsonable(data)
+    if null_reasons is None:
+        return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    found: dict[str, str] = {}
+    data = _nulls(data, "", found, null_reasons)
+    if found and isinstance(data, dict):
+        data["nulls"] = found
+    return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def _nulls(value: Any, where: str, found: dict[str, str], reasons: Mapping[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _nulls(v, f"{where}.{k}" if where else k, found, reasons) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nulls(v, f"{where}[{i}]", found, reasons) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        top = where.split(".")[0].split("[")[0]
+        found[where] = reasons.get(top, "not a number" if value != value else f"{value} (overflow)")
+        return None
+    return value
 
 
 def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -136,20 +163,65 @@ def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
+_HELD: dict[str, list] = {}  # resolved folder -> [open lock file, depth] held by this process
+_HELD_GUARD = threading.Lock()
+LOCK_NAME = ".gmrl.lock"
+
+
+def lock_is_held(folder: str | os.PathLike) -> bool:
+    """Whether this process holds `folder_lock(folder)` now."""
+    return os.path.realpath(folder) in _HELD
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, option: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on FOLDER/.gmrl.lock for the block; a second gmrl run on the same
-    folder gets one line instead of computing the same points twice."""
+    folder gets one line instead of computing the same points twice.
+
+    Re-entrant within one process (a command holds it around a library call that takes it
+    again). The lock file is checked to be the one at the path after locking, so a folder that
+    a finished run removed is never locked through a stale handle.
+    """
     import fcntl
 
-    path = Path(folder) / ".gmrl.lock"
-    with open(path, "a+") as handle:
+    name = os.path.realpath(folder)
+    with _HELD_GUARD:
+        held = _HELD.get(name)
+        if held is not None:
+            held[1] += 1
+        else:
+            _HELD[name] = [_acquire(Path(folder), option, fcntl), 1]
+    try:
+        yield
+    finally:
+        with _HELD_GUARD:
+            held = _HELD[name]
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[name]
+                fcntl.flock(held[0], fcntl.LOCK_UN)
+                held[0].close()
+
+
+def _acquire(folder: Path, option: str, fcntl) -> BinaryIO:
+    path = folder / LOCK_NAME
+    busy = InputError(f"{option} {folder} is in use by another gmrl run; wait for it to finish or "
+                      "give another folder")
+    for _ in range(3):
+        try:
+            handle = open(path, "ab")
+        except FileNotFoundError:  # the folder was removed by the run that held it
+            raise busy from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise InputError(f"{option} {folder} is in use by another gmrl run; wait for it to "
-                             "finish or give another folder") from None
+            handle.close()
+            raise busy from None
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()  # locked a lock file that its holder removed on the way out: retry
+    raise busy

@@ -18,6 +18,16 @@ def _theta0(text: str):
     return value if isinstance(value, str) else value.tolist()
 
 
+def _estimators(text: str | None) -> list[str] | None:
+    """The --estimators comma list (None: the study's own axis); an empty list is an error."""
+    if text is None:
+        return None
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    require(bool(names), f"--estimators names no estimator (got {text!r}); give a comma list of "
+                         "estimator names, or leave it out for the study's own")
+    return names
+
+
 def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.Command:
     @click.command(name=name, help=help_text)
     @click.option("--quick", is_flag=True, help="Fewer grid values (CI scale, about a minute).")
@@ -44,17 +54,19 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
                   help="Testing: only the points of the first N compiled programs per study.")
     def command(quick, backend, address, out, oracle, theta0, estimators, seed, progress, mdps,
                 repeats, max_groups):
+        from gmrl.runs import folder_run
         from gmrl.studies.run import default_out, run_studies
 
         require(address is None or backend == "ray", "--address applies only to --backend ray")
         overrides = {k: v for k, v in (("mdps", mdps), ("repeats", repeats)) if v is not None}
         if out is None:
             out = default_out(name, quick, oracle, seed, theta0)
-        summary, seconds, written = run_studies(
-            names, out, quick=quick, oracle=oracle, seed=seed, theta0=_theta0(theta0),
-            backend=backend, address=address, progress=progress, overrides=overrides,
-            max_groups=max_groups,
-            estimators=[e.strip() for e in estimators.split(",") if e.strip()] if estimators else None)
+        theta0 = _theta0(theta0)
+        with folder_run(out):  # the lock before anything is written; a failure leaves out as it was
+            summary, seconds, written = run_studies(
+                names, out, quick=quick, oracle=oracle, seed=seed, theta0=theta0,
+                backend=backend, address=address, progress=progress, overrides=overrides,
+                max_groups=max_groups, estimators=_estimators(estimators))
         click.echo(f"gmrl study {name}: {summary.computed} points computed, {summary.skipped} "
                    f"already stored, {seconds:.1f} s")
         for path in written:
