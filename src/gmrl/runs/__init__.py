@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gmrl.errors import require
+from gmrl.errors import Interrupted, require
 from gmrl.io import atomic_write_json, folder_lock, prepare_output_dir
 from gmrl.store import ResultStore, canonical_json, config_key
 
@@ -147,15 +147,9 @@ def folder_run(out: Path, option: str = "--out") -> Iterator[Path]:
         if isinstance(err, KeyboardInterrupt) and not kept:
             where = "removed" if created else "left as it was"
             raise Interrupted(f"interrupted before any result or checkpoint was complete; {out} was "
-                              f"{where} (nothing to resume)") from err
+                              f"{where} (nothing to resume)", final=True) from err
         raise
     lock.__exit__(None, None, None)
-
-
-class Interrupted(KeyboardInterrupt):
-    """An interrupt whose message is the final word (printed by the CLI instead of the others)."""
-
-    final = True
 
 
 def has_work(out: Path) -> bool:
