@@ -125,7 +125,7 @@ def test_lola_bad_sizes_write_nothing(tmp_path, option, allowed):
 def test_mgrl_study_bad_learning_rate_writes_nothing(tmp_path):
     out = tmp_path / "D"
     assert_clean_error(run_gmrl("study", "mgrl", "--quick", "--lr", "-1", "--no-progress",
-                                "--out", out), "learning rates must be >= 0")
+                                "--out", out), "--lr must be >= 0")
     assert not out.exists()
 
 

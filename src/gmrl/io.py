@@ -32,10 +32,16 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def _atomic(path: str | os.PathLike) -> Iterator[tuple[Path, BinaryIO]]:
-    """Yield (path, binary handle of a temporary file); on success it replaces `path`."""
+    """Yield (path, binary handle of a temporary file); on success it replaces `path`. Folders
+    created for it are removed again if the write fails."""
     path = Path(path)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        _rmdirs(created)
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             yield path, handle
@@ -45,7 +51,33 @@ def _atomic(path: str | os.PathLike) -> Iterator[tuple[Path, BinaryIO]]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _rmdirs(created)
         raise
+
+
+def _rmdirs(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; stop at one that is not empty
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_output_file(path: Path | None, suffix: str, option: str = "--out") -> None:
+    """Before any computation: `path` (None: no output) names a `suffix` file that can be written,
+    creating nothing: not a folder, and its nearest existing ancestor a writable folder."""
+    if path is None:
+        return
+    path = Path(path)
+    require(path.suffix == suffix, f"{option} must name a {suffix} file, got {path}")
+    require(not path.is_dir(), f"{option} {path} is a folder; give a FILE{suffix} path")
+    for parent in path.parents:
+        if parent.exists():
+            require(parent.is_dir(), f"{option} {path}: {parent} is a file, not a folder; give a "
+                                     "path whose parents are folders")
+            require(os.access(parent, os.W_OK | os.X_OK),
+                    f"{option} {path}: cannot write in {parent}; give a folder you can write to")
+            return
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -136,6 +168,41 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return []
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged .npy/.npz can raise inside numpy: truncated data (EOFError), a
+    broken zip (BadZipFile), a corrupt deflate stream (zlib.error), text or pickles (ValueError,
+    UnicodeDecodeError), the file system (OSError)."""
+    import zipfile
+    import zlib
+
+    return (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError,
+            KeyError, MemoryError)
+
+
+def load_npy(path: str | os.PathLike, what: str, option: str) -> np.ndarray:
+    """The numeric array of the .npy file `path` (float64, finite), or InputError naming `option`,
+    the file and what is wrong (missing, empty, truncated, an archive, text, pickled, NaN)."""
+    name = os.fspath(path)
+    require(name.endswith(".npy"), f"{option} must name a .npy file, got {name!r}")
+    require(os.path.isfile(name), f"{option}: {what} file {name!r} does not exist")
+    require(os.path.getsize(name) > 0, f"{option}: {what} file {name!r} is empty")
+    try:
+        value = np.load(name, allow_pickle=False)
+        if not isinstance(value, np.ndarray):  # an .npz archive under a .npy name
+            value.close()
+            raise InputError(f"{option}: {what} file {name!r} is a zip archive (.npz), not one "
+                             ".npy array (np.save)")
+    except load_errors() as err:
+        raise InputError(f"{option}: cannot read {what} file {name!r} as .npy (np.save): "
+                         f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+    require(value.dtype.kind in "biuf", f"{option}: {what} file {name!r} must hold real numbers, "
+                                        f"got dtype {value.dtype}")
+    value = value.astype(np.float64)
+    require(bool(np.all(np.isfinite(value))), f"{option}: {what} in {name!r} contains NaN or "
+                                              "infinity")
+    return value
 
 
 def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:

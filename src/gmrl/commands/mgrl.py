@@ -80,6 +80,7 @@ def mgrl_command(env, algo, preset, frames, seeds, seed, out, inner_steps, meta_
     from gmrl.store import config_key
 
     check_env(env)
+    check_numbers(seeds, seed, frames, {"--lr": lr, "--meta-lr": meta_lr, "--outer-kl": outer_kl})
     overrides = {"learning_rate": lr, "preset": preset}
     if algo != "a2c":
         overrides.update(inner_steps=inner_steps,
@@ -113,6 +114,25 @@ NULL_REASONS = {
     "final_entropy_per_seed": "no entropy logged",
 }
 """Why a summary.json field of an MGRL run can be null (NaN in the numbers)."""
+
+
+PER_SEED_BYTES = 4 * (32 * 200_000 + 16 * 64 * 5 * 4 * 512)
+"""Estimated bytes one seed of a run allocates: ~32 float32 copies of a ~200k-parameter network
+(parameters, optimiser and meta-optimiser states, the K inner steps' parameters and their
+derivatives) and ~16 float32 values per observation element of the 64 envs × 5 steps rollout
+for each of K + 1 = 4 rollouts (MinAtar: 10 × 10 × ≤ 10 channels, padded to 512)."""
+
+
+def check_numbers(seeds: int, seed: int, frames: int, rates: dict[str, float | None]) -> None:
+    """Seed range, frames within int64, seeds that fit in memory, finite non-negative rates."""
+    from gmrl.limits import require_finite, require_int64, require_memory, require_seed
+
+    require_seed(seed)
+    require_int64(frames, "--frames")
+    for option, value in rates.items():
+        require_finite(value, option, nonnegative=True)
+    if seeds >= 1:
+        require_memory("--seeds", seeds, lambda n: n * PER_SEED_BYTES)
 
 
 def _stored(out: Path, key: str) -> bool:
@@ -154,8 +174,14 @@ def mgrl_study(out, quick, games, frames, seeds, lr, preset, backend, address, p
 
     require(address is None or backend == "ray", "--address applies only to --backend ray")
     games = parse_names(games, ENVS, "game(s)")
+    check_numbers(seeds, 0, 1 if frames is None else frames, {"--lr": lr})
     bias_settings = None  # gmrl.algos.mgrl_bias.BiasSettings() defaults
     if quick:
+        context = click.get_current_context()
+        given = [f"--{n}" for n in ("games", "frames", "seeds")
+                 if context.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        require(not given, f"--quick sets the games, frames and seeds itself; leave out "
+                           f"{', '.join(given)} or drop --quick")
         from gmrl.algos.mgrl_bias import BiasSettings
 
         games, frames, seeds = ("Breakout-MinAtar",), 100_000, 2

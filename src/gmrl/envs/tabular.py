@@ -110,20 +110,24 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
 
 def load_mdp(path: str | os.PathLike) -> TabularMDP:
     """Load an MDP from `.npz` with keys P, R, gamma and optional init_state (default 0)."""
-    import zipfile
-
     name = os.fspath(path)
     require(os.path.isfile(path), f"MDP file {name!r} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    require(magic == b"PK\x03\x04", f"MDP file {name!r} is not an .npz archive (np.savez of P, R "
+                                     "and gamma)" + ("; it is empty" if not magic else ""))
+    from gmrl.io import load_errors
+
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except load_errors() as err:
         raise InputError(f"cannot read MDP file {name!r} as .npz: {err}") from None
     require(isinstance(data, np.lib.npyio.NpzFile),
             f"MDP file {name!r} is not an .npz archive (np.savez) of P, R and gamma")
     try:
         with data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except load_errors() as err:
         raise InputError(f"cannot read MDP file {name!r} as .npz: {err}") from None
     missing = [k for k in ("P", "R", "gamma") if k not in arrays]
     require(not missing, f"MDP file {name!r} lacks key(s) {missing}; "
@@ -140,10 +144,13 @@ def load_theta(path: str | os.PathLike, num_states: int, num_actions: int) -> np
     """Load a policy-logit table θ0 [S, A] from `.npy` (float64), validated: shape and finite."""
     name = os.fspath(path)
     require(os.path.isfile(path), f"theta0 file {name!r} does not exist")
+    from gmrl.io import load_errors
+
     try:
         theta = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read theta0 file {name!r} as .npy: {err}") from None
+    except load_errors() as err:
+        raise InputError(f"cannot read theta0 file {name!r} as .npy: {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}") from None
     require(isinstance(theta, np.ndarray) and theta.dtype.kind in "biuf",
             f"theta0 file {name!r} must hold one numeric .npy array [S, A]")
     require(theta.shape == (num_states, num_actions),
