@@ -31,12 +31,9 @@ def _gmrl() -> list[str]:
 
 
 def run_gmrl(*args, umask: int | None = None, timeout: float = 300):
-    def preexec():
-        if umask is not None:
-            os.umask(umask)
-
+    # subprocess's own umask argument: no preexec_fn, so no os.fork() of this (JAX) process
     return subprocess.run(_gmrl() + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec)
+                          timeout=timeout, umask=-1 if umask is None else umask)
 
 
 def assert_clean_error(done, *words):

@@ -75,8 +75,12 @@ def check_output_file(path: Path | None, suffix: str, option: str = "--out") -> 
         if parent.exists():
             require(parent.is_dir(), f"{option} {path}: {parent} is a file, not a folder; give a "
                                      "path whose parents are folders")
-            require(os.access(parent, os.W_OK | os.X_OK),
-                    f"{option} {path}: cannot write in {parent}; give a folder you can write to")
+            try:  # a file that vanishes on close: nothing is left behind
+                with tempfile.TemporaryFile(dir=parent, prefix=".gmrl-write-test."):
+                    pass
+            except OSError as err:
+                raise InputError(f"{option} {path}: cannot write in {parent} "
+                                 f"({err.strerror or err}); give a folder you can write to") from None
             return
 
 
@@ -230,14 +234,14 @@ def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
-_HELD: dict[str, list] = {}  # resolved folder -> [open lock file, depth] held by this process
+_HELD: dict[tuple[int, str], list] = {}  # (thread, folder) -> [open lock file, depth]
 _HELD_GUARD = threading.Lock()
 LOCK_NAME = ".gmrl.lock"
 
 
 def lock_is_held(folder: str | os.PathLike) -> bool:
-    """Whether this process holds `folder_lock(folder)` now."""
-    return os.path.realpath(folder) in _HELD
+    """Whether this thread holds `folder_lock(folder)` now."""
+    return (threading.get_ident(), os.path.realpath(folder)) in _HELD
 
 
 @contextlib.contextmanager
@@ -245,13 +249,14 @@ def folder_lock(folder: str | os.PathLike, option: str = "--out") -> Iterator[No
     """Hold an exclusive lock on FOLDER/.gmrl.lock for the block; a second gmrl run on the same
     folder gets one line instead of computing the same points twice.
 
-    Re-entrant within one process (a command holds it around a library call that takes it
-    again). The lock file is checked to be the one at the path after locking, so a folder that
-    a finished run removed is never locked through a stale handle.
+    Re-entrant within one thread (a command holds it around a library call that takes it
+    again); another thread or process is refused. The lock file is checked to be the one at
+    the path after locking, so a folder that a finished run removed is never locked through a
+    stale handle.
     """
     import fcntl
 
-    name = os.path.realpath(folder)
+    name = (threading.get_ident(), os.path.realpath(folder))
     with _HELD_GUARD:
         held = _HELD.get(name)
         if held is not None:

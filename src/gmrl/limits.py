@@ -66,15 +66,19 @@ def require_sizes(sizes: dict[str, tuple[int, int]], bytes_of, low: int = 1, wha
     """`require_memory` over several size options at once.
 
     sizes: option -> (value given, default); bytes_of(values: dict option -> value) estimates
-    the run's bytes. The option blamed is the first that alone (the others at no more than their
-    defaults) does not fit, else the one furthest above its default; its largest fitting value is
-    found with the other options as given.
+    the run's bytes. Nothing is raised when the run does not fit even with every size option at
+    no more than its default (another setting is the cause: the caller's own check names it).
+    The option blamed is the first that alone (the others at no more than their defaults) does
+    not fit, else the one furthest above its default; its largest fitting value is found with
+    the other options as given.
     """
     given = {name: value for name, (value, _) in sizes.items()}
     budget = MEMORY_FRACTION * available_bytes()
     if bytes_of(given) <= budget:
         return
     modest = {name: min(value, default) for name, (value, default) in sizes.items()}
+    if bytes_of(modest) > budget:
+        return  # the settings outside `sizes` are too large: the caller's own check names them
     blamed = next((name for name in sizes if bytes_of({**modest, name: given[name]}) > budget),
                   max(sizes, key=lambda n: sizes[n][0] / max(sizes[n][1], 1)))
     require_memory(blamed, given[blamed], lambda v: bytes_of({**given, blamed: v}), low=low,

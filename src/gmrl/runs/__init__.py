@@ -152,14 +152,17 @@ def folder_run(out: Path, option: str = "--out") -> Iterator[Path]:
     lock.__exit__(None, None, None)
 
 
-def has_work(out: Path) -> bool:
-    """Whether OUT holds completed, resumable work: stored results or a checkpoint."""
+def has_work(out: Path, before: set[str] = frozenset()) -> bool:
+    """Whether OUT holds completed, resumable work: stored results or a checkpoint. A store that
+    was there before (`before`: names in OUT then) counts as work without being opened."""
     import sqlite3
 
     store = out / STORE_NAME
+    if STORE_NAME in before:
+        return True
     if store.is_file() and store.stat().st_size > 0:
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+        try:  # read-write, so that closing the last connection folds and removes -wal and -shm
+            with contextlib.closing(sqlite3.connect(store)) as conn:
                 if conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] > 0:
                     return True
         except sqlite3.Error:
@@ -171,7 +174,7 @@ def _restore(out: Path, before: set[str], created: list[Path]) -> bool:
     """Remove what this run added to OUT unless it holds work; True if something was kept."""
     if not out.is_dir():
         return False
-    if has_work(out):
+    if has_work(out, before):
         return True
     for name in sorted(set(os.listdir(out)) - before):
         path = out / name
