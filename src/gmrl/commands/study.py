@@ -78,11 +78,52 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
 @click.command(name="plot")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def plot(directory: Path) -> None:
-    """Redraw figures, results.csv and report.md from DIRECTORY/results.sqlite."""
+    """Redraw figures, results.csv and report.md from DIRECTORY/results.sqlite (a tabular or
+    LOLA study, a LOLA run; MGRL folders are redrawn by re-running their command)."""
+    from gmrl.io import folder_lock
     from gmrl.studies.run import write_outputs
 
-    for path in write_outputs(directory):
+    kind = _stored_kind(directory)
+    require(kind != "mgrl", f"{directory} holds MGRL runs: re-run the `gmrl mgrl` or `gmrl study "
+                            "mgrl` command that wrote it (finished runs are reused) to redraw its "
+                            "report and figures")
+    with folder_lock(directory, "DIR"):
+        written = _plot_lola(directory) if kind == "lola" else write_outputs(directory)
+    for path in written:
         click.echo(f"wrote {path}")
+
+
+def _stored_kind(directory: Path) -> str:
+    """'tabular', 'lola' or 'mgrl': what DIRECTORY/results.sqlite holds (InputError if none)."""
+    from gmrl.store import ResultStore
+
+    path = Path(directory) / "results.sqlite"
+    require(path.is_file(), f"no result store at {path}; give a folder written by `gmrl study`, "
+                            "`gmrl lola --out` or `gmrl mgrl --out`")
+    with ResultStore(path) as store:
+        kinds = {row.config.get("study") for row in store.rows()}
+    for kind in ("lola", "mgrl"):
+        if kind in kinds:
+            return kind
+    return "tabular"
+
+
+def _plot_lola(directory: Path) -> list[Path]:
+    """A LOLA study's (`gmrl study lola`) or run's (`gmrl lola`) files from its store."""
+    from gmrl.runs import lola as lola_runs
+    from gmrl.store import ResultStore
+
+    with ResultStore(Path(directory) / "results.sqlite") as store:
+        rows = [r for r in store.rows() if r.config.get("study") == "lola"]
+    single = len(rows) == 1 and rows[0].config.get("variant") == "lola"
+    if single:
+        return lola_runs.write_run_files(directory, "lola", rows[0].result)
+    from gmrl.algos.lola import REFERENCE_VARIANTS
+
+    order = list(REFERENCE_VARIANTS)
+    rows.sort(key=lambda r: (order.index(r.config["variant"]) if r.config["variant"] in order
+                             else len(order), r.config["variant"]))
+    return lola_runs.write_study(directory, [r.config for r in rows], [r.result for r in rows])
 
 
 def register(cli, study) -> None:
