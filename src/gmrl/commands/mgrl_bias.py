@@ -60,6 +60,8 @@ def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multipli
     require_seed(seed)
     require(Path(run_dir).is_dir(), f"RUN_DIR {run_dir} is not a folder; give a run folder written "
                                     "by `gmrl mgrl --out RUN_DIR`")
+    require(any((Path(run_dir) / name).is_file() for name in ("run.json", "config.json")),
+            f"{run_dir} holds no MGRL run (run.json or config.json of `gmrl mgrl --out`)")
     out = Path(run_dir) if out is None else out
     require(not out.exists() or out.is_dir(), f"--out must be a folder, but {out} is an existing "
                                               "file; give a new or existing folder")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from gmrl.errors import require
+from gmrl.limits import require_seed
 from gmrl.studies import tabular as studies
 
 
@@ -58,6 +59,7 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
         from gmrl.studies.run import default_out, run_studies
 
         require(address is None or backend == "ray", "--address applies only to --backend ray")
+        require_seed(seed)
         overrides = {k: v for k, v in (("mdps", mdps), ("repeats", repeats)) if v is not None}
         if out is None:
             out = default_out(name, quick, oracle, seed, theta0)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gmrl.errors import Interrupted, require
-from gmrl.io import atomic_write_json, folder_lock, prepare_output_dir
+from gmrl.io import LOCK_NAME, atomic_write_json, folder_lock, prepare_output_dir
 from gmrl.store import ResultStore, canonical_json, config_key
 
 STORE_NAME = "results.sqlite"
@@ -149,6 +149,8 @@ def folder_run(out: Path, option: str = "--out") -> Iterator[Path]:
             raise Interrupted(f"interrupted before any result or checkpoint was complete; {out} was "
                               f"{where} (nothing to resume)", final=True) from err
         raise
+    if LOCK_NAME not in before:  # leave no lock file behind (safe: see `gmrl.io.folder_lock`)
+        (out / LOCK_NAME).unlink(missing_ok=True)
     lock.__exit__(None, None, None)
 
 
@@ -174,6 +176,8 @@ def _restore(out: Path, before: set[str], created: list[Path]) -> bool:
     """Remove what this run added to OUT unless it holds work; True if something was kept."""
     if not out.is_dir():
         return False
+    if LOCK_NAME not in before:  # ours: removing it is safe (a waiting run re-checks its inode)
+        (out / LOCK_NAME).unlink(missing_ok=True)
     if has_work(out, before):
         return True
     for name in sorted(set(os.listdir(out)) - before):
