@@ -94,7 +94,6 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
                  baseline, gamma, horizon, seeds, updates, seed, chunk, out, cpu_devices,
                  progress):
     """LOLA-DiCE on the iterated prisoner's dilemma, with the exact LOLA gradient beside it."""
-    use_cpu_devices(cpu_devices)  # before JAX starts
     from gmrl.runs import lola as lola_runs  # JAX is imported only once the options passed
 
     lola_runs.check_run_size(seeds, updates, chunk)
@@ -121,6 +120,7 @@ def lola_command(inner, comp, hessian, outer, off_policy, off_policy_comp, off_p
     else:
         options |= {"--comp": ("comp",), "--hessian": ("hessian",)}
     require_run_memory(sizes, options)
+    use_cpu_devices(cpu_devices)  # before JAX starts
     from gmrl import runs
     from gmrl.algos import lola
 
@@ -165,9 +165,6 @@ def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, bac
                        cpu_devices, progress):
     """The reference LOLA-DiCE study: 11 variants, figures, curves.csv and report.md."""
     require(address is None or backend == "ray", "--address applies only to --backend ray")
-    use_cpu_devices(cpu_devices)  # before JAX starts
-    from gmrl import runs
-    from gmrl.algos import lola
     from gmrl.runs import lola as lola_runs
 
     lola_runs.check_run_size(seeds, updates, chunk, min_seeds=2)
@@ -175,6 +172,9 @@ def study_lola_command(seeds, updates, seed, variants, baseline, chunk, out, bac
     require_run_memory({"seeds": seeds, "updates": updates, "horizon": 100, "lookaheads": 1,
                         "replay": 1024, "comp": 128, "hessian": 128, "outer": 128},
                        {"--seeds": ("seeds",), "--updates": ("updates",)})
+    use_cpu_devices(cpu_devices)  # before JAX starts
+    from gmrl import runs
+    from gmrl.algos import lola
     names = list(lola.REFERENCE_VARIANTS) if variants.strip() == "all" else [
         v.strip() for v in variants.split(",") if v.strip()]
     points = lola_runs.study_points(names, seeds, updates, seed, baseline)
