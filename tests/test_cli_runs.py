@@ -148,6 +148,14 @@ def test_lola_run_files_follow_the_umask_and_a_rerun_reuses_the_store(tmp_path):
     assert json.loads((out / "config.json").read_text())["key"] == key
     other = run_gmrl(*[a if a != "5" else "6" for a in LOLA_FAST], "--out", out)
     assert_clean_error(other, "other settings", "horizon: 5 -> 6")
+    summary = (out / "summary.json").read_text()
+    json.loads(summary, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
+    assert "nulls" in json.loads(summary)  # this on-policy variant has no replay statistics
+    before = summary
+    (out / "summary.json").unlink()
+    redrawn = run_gmrl("plot", out)  # `gmrl plot` redraws a LOLA run's files from its store
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert (out / "summary.json").read_text() == before
 
 
 def test_atomic_writes_honour_the_umask(tmp_path):

@@ -92,6 +92,9 @@ def _inputs(root: Path) -> dict[str, Path]:
     (files / "zlib.npz").write_bytes(bytes(data))
     (files / "text.npz").write_text("not an archive\n")
     (files / "afile").write_text("x")
+    P = rng.dirichlet(np.ones(3), (3, 2))
+    np.savez(files / "complex.npz", P=P + 0j, R=np.zeros((3, 2)), gamma=0.8)
+    np.savez(files / "huge_r.npz", P=P, R=np.full((3, 2), 1e300), gamma=0.8)
     from gmrl.runs import claim_folder
     from gmrl.store import ResultStore, config_key
 
@@ -166,6 +169,8 @@ PROBES = [
     ("tabular-mdp-zlib", ["tabular", "--mdp", "{in}/zlib.npz", "--out", "{new}/x.json"],
      ["zlib.npz"]),
     ("tabular-mdp-text", ["tabular", "--mdp", "{in}/text.npz"], ["not an .npz archive"]),
+    ("tabular-mdp-complex", ["tabular", "--mdp", "{in}/complex.npz"], ["P", "real numbers"]),
+    ("tabular-mdp-huge-rewards", ["tabular", "--mdp", "{in}/huge_r.npz"], ["|R| = 1e+300"]),
     ("study-theta0-zip", ["study", "decompose", "--theta0", "{in}/zip.npy", "--out", "{new}"],
      ["zip.npy"]),
     ("check-theta0-text", ["check", "{in}/user.py:fine", *CHECK, "--theta0", "{in}/text.npy"],
@@ -230,6 +235,54 @@ def test_every_probe_is_one_line_and_leaves_nothing(tmp_path, capsys):
             failures.append(f"{name}: {failure}")
             before = _tree(tmp_path)
     assert not failures, "\n".join(failures)
+
+
+HELD = [
+    ("lola", ["lola", "--inner", "exact", "--outer", "exact", "--seeds", "2", "--updates", "2",
+              "--horizon", "5", "--no-progress", "--out", "{held}"]),
+    ("mgrl", ["mgrl", "--env", "CartPole-v1", "--algo", "a2c", "--frames", "2000", "--seeds", "1",
+              "--no-progress", "--out", "{held}"]),
+    ("study-mgrl", ["study", "mgrl", "--quick", "--no-progress", "--out", "{held}"]),
+    ("study-lola", ["study", "lola", "--seeds", "2", "--updates", "2", "--variants",
+                    "inner-exact-outer-exact", "--no-progress", "--out", "{held}"]),
+    ("study-decompose", ["study", "decompose", "--quick", "--mdps", "2", "--repeats", "3",
+                         "--max-groups", "1", "--no-progress", "--out", "{held}"]),
+]
+
+
+@pytest.mark.parametrize("argv", [a for _, a in HELD], ids=[n for n, _ in HELD])
+def test_a_folder_held_by_another_run_is_refused_untouched(tmp_path, capsys, argv):
+    """Every command that writes a folder takes its lock first: a folder another gmrl process
+    holds is refused before anything is written (`gmrl lola`, `gmrl mgrl` and `gmrl study mgrl`
+    took no lock before; mutation: dropping `folder_run` from `gmrl lola` fails here)."""
+    import fcntl
+
+    held = tmp_path / "held"
+    held.mkdir()
+    with open(held / ".gmrl.lock", "a+") as handle:  # as another process would hold it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = _tree(tmp_path)
+        try:
+            main([a.format(held=held) for a in argv])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        _one_error(code, capsys.readouterr().err, ["in use by another gmrl run"])
+        assert _tree(tmp_path) == before
+
+
+def test_an_error_line_starts_below_a_progress_bar(capsys):
+    """An error raised while a progress bar is drawn gets its own line (the bar is closed
+    first; mutation: printing without closing the bars puts the line after the bar's text)."""
+    from tqdm import tqdm
+
+    from gmrl.cli import _say
+
+    bar = tqdm(total=4, desc="study", file=sys.stderr, mininterval=0)
+    bar.update(1)
+    _say("gmrl: error: something broke")
+    err = capsys.readouterr().err
+    assert err.endswith("\ngmrl: error: something broke\n"), repr(err)
 
 
 def _gmrl(*args, timeout: float):

@@ -13,6 +13,7 @@ import importlib
 import os
 import sqlite3
 import sys
+import threading
 
 import click
 
@@ -160,6 +161,19 @@ def _say(line: str) -> None:
     click.echo(" ".join(line.split()), err=True)
 
 
+def _exit_interrupted(standalone: bool) -> None:
+    """Exit 130 now. A command's worker threads (e.g. programs compiling in a thread pool) would
+    hold a normal exit until they finish, minutes after Ctrl-C; the command's own cleanup has
+    run by now, so the process ends at once (only as the `gmrl` program, never inside a caller)."""
+    busy = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if standalone and busy:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(130)
+
+
 def _usage_line(err: click.UsageError) -> str:
     command = err.ctx.command_path if err.ctx is not None else "gmrl"
     return f"gmrl: error: {err.format_message()} (see '{command} --help')"
@@ -181,10 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except CommandInterrupted as err:
         _say(_interrupt_line(err.interrupt))
-        sys.exit(130)
+        _exit_interrupted(standalone=argv is None)
     except click.exceptions.Abort as err:
         _say(_interrupt_line(err.__context__) if err.__context__ else "gmrl: interrupted")
-        sys.exit(130)
+        _exit_interrupted(standalone=argv is None)
     except click.UsageError as err:
         _say(_usage_line(err))
         sys.exit(2)

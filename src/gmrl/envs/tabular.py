@@ -78,6 +78,11 @@ def _check_gamma(gamma) -> None:
             f"the discount gamma must be in [0, 1), got {gamma}")
 
 
+REWARD_LIMIT = 1e150
+"""Largest |R| accepted: bias2 and variances square quantities proportional to R, and float64
+overflows at about (1.8e308)^½ ≈ 1.3e154."""
+
+
 def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     """Validate user arrays (P [S, A, S'], R [S, A]) and build a TabularMDP of float64 numpy arrays.
 
@@ -85,10 +90,12 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     gamma outside [0, 1), start state out of range.
     """
     try:
-        P = np.asarray(P, dtype=np.float64)
-        R = np.asarray(R, dtype=np.float64)
+        P, R = np.asarray(P), np.asarray(R)
     except (TypeError, ValueError):
         raise InputError("P and R must be numeric arrays (P [S, A, S], R [S, A])") from None
+    for name, value in (("P", P), ("R", R)):  # complex or object arrays: no silent truncation
+        require(value.dtype.kind in "biuf", f"{name} must hold real numbers, got dtype {value.dtype}")
+    P, R = P.astype(np.float64), R.astype(np.float64)
     require(P.ndim == 3 and P.shape[0] == P.shape[2],
             f"P must have shape [S, A, S] (states, actions, next states), got {P.shape}")
     require(R.shape == P.shape[:2],
@@ -96,6 +103,9 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     require(P.shape[0] >= 1 and P.shape[1] >= 1, f"P must have S >= 1 and A >= 1, got {P.shape}")
     require(bool(np.all(np.isfinite(P))), "P contains NaN or infinity")
     require(bool(np.all(np.isfinite(R))), "R contains NaN or infinity")
+    scale = float(np.abs(R).max(initial=0.0))
+    require(scale <= REWARD_LIMIT, f"R reaches |R| = {scale:.3g}: the statistics square meta-gradients "
+            f"that scale with R, which overflows float64 beyond |R| ≈ {REWARD_LIMIT:.0e}; rescale R")
     require(bool(np.all(P >= 0)), "P has negative entries; transition probabilities must be >= 0")
     row_error = np.abs(P.sum(-1) - 1.0).max()
     require(row_error < 1e-6,
