@@ -271,6 +271,51 @@ def test_a_folder_held_by_another_run_is_refused_untouched(tmp_path, capsys, arg
         assert _tree(tmp_path) == before
 
 
+FAILING_RUNS = [
+    ("lola", "gmrl.runs.lola.run", HELD[0][1]),
+    ("study-lola", "gmrl.runs.lola.run", HELD[3][1]),
+    ("study-decompose", "gmrl.sweep.run_sweep", HELD[4][1]),
+]
+
+
+@pytest.mark.parametrize("target, argv", [(t, a) for _, t, a in FAILING_RUNS],
+                         ids=[n for n, _, _ in FAILING_RUNS])
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "empty-folder"])
+def test_a_failing_run_holds_the_lock_and_leaves_the_folder_as_it_was(tmp_path, capsys,
+                                                                      monkeypatch, target, argv,
+                                                                      existing):
+    """The run itself (replaced by a stand-in that fails) runs under the folder's lock, and
+    its failure leaves the folder as before: removed if new, empty if it was empty (mutations:
+    dropping `folder_run` from `gmrl lola` fails the lock check; a `folder_run` that keeps its
+    files on failure leaves config.json)."""
+    import importlib
+
+    from gmrl.errors import InputError
+    from gmrl.io import lock_is_held
+
+    out = tmp_path / "new" / "run"
+    if existing:
+        out.mkdir(parents=True)
+    seen = {}
+
+    def failing_run(*args, **kwargs):
+        seen["locked"] = lock_is_held(out)
+        seen["config"] = (out / "config.json").is_file()
+        raise InputError("the stand-in run failed")
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, failing_run)
+    try:
+        main([a.format(held=out) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    _one_error(code, capsys.readouterr().err, ["the stand-in run failed"])
+    assert seen == {"locked": True, "config": True}
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == (
+        ["new", "new/run"] if existing else [])
+
+
 def test_an_error_line_starts_below_a_progress_bar(capsys):
     """An error raised while a progress bar is drawn gets its own line (the bar is closed
     first; mutation: printing without closing the bars puts the line after the bar's text)."""
