@@ -45,7 +45,7 @@ def parse_theta0(text: str):
     """zeros | normal | FILE.npy holding an [S, A] table."""
     if text in ("zeros", "normal"):
         return text
-    require(text.endswith(".npy"),
+    require(text.endswith(".npy") and os.path.isfile(text),
             f"--theta0 must be zeros, normal or an existing .npy file with an [S, A] table, got {text!r}")
     return io.load_npy(text, "theta0", "--theta0")
 
@@ -54,7 +54,7 @@ def parse_thetas(text: str):
     """normal | zeros | FILE.npy holding a [2, 5] or [M, 2, 5] array of (θ1, θ2)."""
     if text in ("zeros", "normal"):
         return text
-    require(text.endswith(".npy"),
+    require(text.endswith(".npy") and os.path.isfile(text),
             f"--thetas must be normal, zeros or an existing .npy file with a [2, 5] or [M, 2, 5] "
             f"array, got {text!r}")
     return io.load_npy(text, "thetas", "--thetas")
