@@ -2,6 +2,8 @@
 `gmrl: error: …` naming the problem, no traceback, no partial output — checked before computing
 wherever the problem can be known then."""
 
+import contextlib
+import json
 import os
 import sqlite3
 import zipfile
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from gmrl.cli import main
+from gmrl.errors import InputError
 
 from .test_cli_tabular import run
 
@@ -141,15 +144,74 @@ def test_a_damaged_store_is_one_line(tmp_path, capsys, study_folder):
         assert "damaged" in err or "cannot open" in err or "malformed" in err, err
 
 
-def test_a_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
-    from gmrl.io import folder_lock
+@contextlib.contextmanager
+def held_by_another_run(folder):
+    """FOLDER/.gmrl.lock locked through its own open file, as another gmrl process holds it
+    (flock locks conflict between open files, even inside one process)."""
+    import fcntl
 
+    with open(folder / ".gmrl.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     folder = tmp_path / "busy"
     folder.mkdir()
-    with folder_lock(folder):
+    with held_by_another_run(folder):
         code, _, err = run(["study", "decompose", *Q, "--out", str(folder)], capsys)
     assert_one_line_error(code, err, "in use by another gmrl run")
-    assert not (folder / "results.sqlite").exists()
+    assert sorted(os.listdir(folder)) == [".gmrl.lock"]  # no config.json, no store
+
+
+def test_claim_folder_takes_the_lock_before_writing(tmp_path):
+    """Two configurations into one folder: while one run holds the folder, a second one with
+    other settings is refused and the first one's config.json stays (today's claim_folder
+    wrote config.json before the lock, so a racing run could leave its settings over the
+    other's store; mutation: writing config.json before taking the lock fails here)."""
+    from gmrl.runs import claim_folder
+
+    folder = tmp_path / "race"
+    claim_folder(folder, {"studies": ["decompose"], "seed": 1}, "tabular study")
+    first = (folder / "config.json").read_text()
+    with held_by_another_run(folder):
+        for seed in (1, 2):  # the same or another configuration: refused while the folder is held
+            with pytest.raises(InputError, match="in use by another gmrl run"):
+                claim_folder(folder, {"studies": ["decompose"], "seed": seed}, "tabular study")
+    assert (folder / "config.json").read_text() == first
+    with pytest.raises(InputError, match="holds a tabular study with other settings"):
+        claim_folder(folder, {"studies": ["decompose"], "seed": 2}, "tabular study")
+    assert (folder / "config.json").read_text() == first
+
+
+def test_claimed_folders_race_one_wins_the_other_is_refused(tmp_path):
+    """Threads claim one new folder with two configurations at once, 20 times: each time
+    exactly one claim wins and config.json is the winner's."""
+    import threading
+
+    from gmrl.runs import claim_folder
+
+    for attempt in range(20):
+        folder = tmp_path / f"race{attempt}"
+        barrier, outcome = threading.Barrier(2), {}
+
+        def claim(seed, folder=folder, barrier=barrier, outcome=outcome):
+            barrier.wait()
+            try:
+                claim_folder(folder, {"studies": ["decompose"], "seed": seed}, "tabular study")
+                outcome[seed] = "won"
+            except InputError as err:
+                outcome[seed] = str(err)
+
+        threads = [threading.Thread(target=claim, args=(s,)) for s in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        winners = [s for s, o in outcome.items() if o == "won"]
+        assert len(winners) == 1, outcome
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["config"]["seed"] == winners[0], (outcome, saved)
 
 
 def test_an_unreachable_ray_address_fails_at_once(tmp_path, capsys):

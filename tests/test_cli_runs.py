@@ -31,12 +31,9 @@ def _gmrl() -> list[str]:
 
 
 def run_gmrl(*args, umask: int | None = None, timeout: float = 300):
-    def preexec():
-        if umask is not None:
-            os.umask(umask)
-
+    # subprocess's own umask argument: no preexec_fn, so no os.fork() of this (JAX) process
     return subprocess.run(_gmrl() + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec)
+                          timeout=timeout, umask=-1 if umask is None else umask)
 
 
 def assert_clean_error(done, *words):
@@ -125,7 +122,7 @@ def test_lola_bad_sizes_write_nothing(tmp_path, option, allowed):
 def test_mgrl_study_bad_learning_rate_writes_nothing(tmp_path):
     out = tmp_path / "D"
     assert_clean_error(run_gmrl("study", "mgrl", "--quick", "--lr", "-1", "--no-progress",
-                                "--out", out), "learning rates must be >= 0")
+                                "--out", out), "--lr must be >= 0")
     assert not out.exists()
 
 
@@ -151,6 +148,14 @@ def test_lola_run_files_follow_the_umask_and_a_rerun_reuses_the_store(tmp_path):
     assert json.loads((out / "config.json").read_text())["key"] == key
     other = run_gmrl(*[a if a != "5" else "6" for a in LOLA_FAST], "--out", out)
     assert_clean_error(other, "other settings", "horizon: 5 -> 6")
+    summary = (out / "summary.json").read_text()
+    json.loads(summary, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
+    assert "nulls" in json.loads(summary)  # this on-policy variant has no replay statistics
+    before = summary
+    (out / "summary.json").unlink()
+    redrawn = run_gmrl("plot", out)  # `gmrl plot` redraws a LOLA run's files from its store
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert (out / "summary.json").read_text() == before
 
 
 def test_atomic_writes_honour_the_umask(tmp_path):

@@ -214,33 +214,57 @@ def test_report_names_non_finite_points_instead_of_crashing():
     assert report._zero_verdict(rows[1]) == "non-finite (overflow)"
 
 
+RAY_SCRIPT = """
+import sys
+import ray
+
+# Ray starts its processes (a fork with preexec_fn) before anything imports JAX: no fork-after-JAX
+ray.init(num_cpus=2, _temp_dir=sys.argv[2], include_dashboard=False, log_to_driver=False)
+from gmrl.store import ResultStore
+from gmrl.studies import tabular as st
+from gmrl.sweep import run_sweep
+
+points = st.study_points("decompose", quick=True, overrides={"mdps": 2, "repeats": 3}, max_groups=1)
+with ResultStore(sys.argv[1]) as store:
+    run_sweep(points, None, store, backend="ray", batch_fn=st.batch_points, group_key=st.group_key,
+              progress=False)
+ray.shutdown()
+"""
+
+
 @pytest.mark.xdist_group("ray")  # one local Ray at a time under pytest -n
-def test_ray_backend_gives_the_same_study_numbers_as_local(tmp_path, monkeypatch):
-    """A tiny decompose group through a local 2-CPU Ray equals the in-process numbers exactly."""
+def test_ray_backend_gives_the_same_study_numbers_as_local(tmp_path):
+    """A tiny decompose group through a local 2-CPU Ray equals the in-process numbers exactly.
+    Ray runs in a fresh process that starts it before importing JAX (Ray forks with a
+    preexec_fn, which in this JAX process would risk a deadlock)."""
+    import os
     import shutil
+    import subprocess
+    import sys
     import tempfile
 
-    ray = pytest.importorskip("ray")  # the gmrl[ray] extra; a core install skips this test
+    pytest.importorskip("ray")  # the gmrl[ray] extra; a core install skips this test
 
     from gmrl.store import ResultStore
     from gmrl.sweep import run_sweep
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     points = st.study_points("decompose", quick=True, overrides={"mdps": 2, "repeats": 3},
                              max_groups=1)
     temp_dir = tempfile.mkdtemp(prefix="gmrlray", dir="/tmp")
     results = {}
     try:
-        for backend in ("local", "ray"):
-            with ResultStore(tmp_path / f"{backend}.sqlite") as store:
-                run_sweep(points, None, store, backend=backend, batch_fn=st.batch_points,
-                          group_key=st.group_key, progress=False,
-                          ray_init_kwargs={"num_cpus": 2, "_temp_dir": temp_dir})
-                results[backend] = {r.key: r.result for r in store.rows()}
-        assert not ray.is_initialized()
+        done = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(tmp_path / "ray.sqlite"),
+                               temp_dir], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
     finally:
-        ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+    with ResultStore(tmp_path / "local.sqlite") as store:
+        run_sweep(points, None, store, backend="local", batch_fn=st.batch_points,
+                  group_key=st.group_key, progress=False)
+        results["local"] = {r.key: r.result for r in store.rows()}
+    with ResultStore(tmp_path / "ray.sqlite") as store:
+        results["ray"] = {r.key: r.result for r in store.rows()}
     assert len(results["local"]) == len(points) > 1
     for key, local in results["local"].items():
         ray_result = results["ray"][key]

@@ -199,7 +199,8 @@ SCRIPT = textwrap.dedent('''
         try:
             with ResultStore(store_path) as store:
                 summary = run_sweep(POINTS, lambda c: point(c, delay, log), store, progress=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:  # its message says what is kept (`gmrl` prints it)
+            print(err, file=sys.stderr)
             sys.exit(130)
         print("computed", summary.computed)
 ''')

@@ -13,6 +13,7 @@ import importlib
 import os
 import sqlite3
 import sys
+import threading
 
 import click
 
@@ -99,7 +100,26 @@ class _LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-@click.group(cls=_LazyGroup, lazy={n: m for n, (m, _) in LAZY_COMMANDS.items()},
+class CommandInterrupted(Exception):
+    """Ctrl-C (or a KeyboardInterrupt) inside a command, carried past click so that click prints
+    nothing of its own; `main` prints the one line."""
+
+    def __init__(self, interrupt: BaseException):
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+class _RootGroup(_LazyGroup):
+    """The `gmrl` group: a KeyboardInterrupt inside a command leaves click as CommandInterrupted."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            raise CommandInterrupted(err) from err
+
+
+@click.group(cls=_RootGroup, lazy={n: m for n, (m, _) in LAZY_COMMANDS.items()},
              listed=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gmrl")
 def cli() -> None:
@@ -111,9 +131,59 @@ def study() -> None:
     """Run one of the reference studies (writes a result store, figures and report.md)."""
 
 
+def _interrupt_line(err: BaseException) -> str:
+    """The one line for an interrupt: a final message in the chain, else the innermost one."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    messages = [e for e in chain if isinstance(e, KeyboardInterrupt) and str(e).strip()]
+    final = [e for e in messages if getattr(e, "final", False)]
+    if final:
+        return f"gmrl: {final[0]}"
+    if messages:
+        text = str(messages[-1])
+        hint = "" if "re-run" in text or "resume" in text else "; re-run the same command to resume"
+        return f"gmrl: {text}{hint}"
+    return "gmrl: interrupted"
+
+
+def _say(line: str) -> None:
+    """Print `line` on stderr as one line, below any progress bar still drawn."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            try:
+                bar.close()
+            except Exception:  # a bar that cannot close must not hide the message
+                pass
+    click.echo(" ".join(line.split()), err=True)
+
+
+def _exit_interrupted(standalone: bool) -> None:
+    """Exit 130 now. A command's worker threads (e.g. programs compiling in a thread pool) would
+    hold a normal exit until they finish, minutes after Ctrl-C; the command's own cleanup has
+    run by now, so the process ends at once (only as the `gmrl` program, never inside a caller)."""
+    busy = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if standalone and busy:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(130)
+
+
+def _usage_line(err: click.UsageError) -> str:
+    command = err.ctx.command_path if err.ctx is not None else "gmrl"
+    return f"gmrl: error: {err.format_message()} (see '{command} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input gives one line on stderr and exit status 2, never a traceback.
 
+    Usage errors of click (a wrong type, an unknown or a missing option) are one line too; Ctrl-C
+    is one line (what was kept, how to resume) and exit status 130.
     At start-up figures are drawn without a display (MPLBACKEND=Agg unless the caller chose a
     backend); library code never switches the matplotlib backend itself.
     """
@@ -121,13 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="gmrl", standalone_mode=False)
     except InputError as err:
-        click.echo(f"gmrl: error: {err}", err=True)
+        _say(f"gmrl: error: {err}")
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("gmrl: interrupted", err=True)
-        sys.exit(130)
+    except CommandInterrupted as err:
+        _say(_interrupt_line(err.interrupt))
+        _exit_interrupted(standalone=argv is None)
+    except click.exceptions.Abort as err:
+        _say(_interrupt_line(err.__context__) if err.__context__ else "gmrl: interrupted")
+        _exit_interrupted(standalone=argv is None)
+    except click.UsageError as err:
+        _say(_usage_line(err))
+        sys.exit(2)
     except click.ClickException as err:
-        err.show()
+        _say(f"gmrl: error: {err.format_message()}")
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
@@ -135,18 +211,21 @@ def main(argv: list[str] | None = None) -> None:
         extra = EXTRA_OF_MODULE.get((err.name or "").split(".")[0])
         if extra is None:
             raise
-        click.echo(f"gmrl: error: this command needs the package {err.name!r} of the optional "
-                   f"extra gmrl[{extra}]; install it with: pip install 'gmrl[{extra}]'", err=True)
+        _say(f"gmrl: error: this command needs the package {err.name!r} of the optional "
+             f"extra gmrl[{extra}]; install it with: pip install 'gmrl[{extra}]'")
         sys.exit(2)
     except sqlite3.DatabaseError as err:
-        click.echo(f"gmrl: error: a result store is damaged or unreadable ({err}); move its "
-                   "results.sqlite away (the figures and CSV beside it stay) or give another --out",
-                   err=True)
+        _say(f"gmrl: error: a result store is damaged or unreadable ({err}); move its "
+             "results.sqlite away (the figures and CSV beside it stay) or give another --out")
+        sys.exit(2)
+    except MemoryError:
+        _say("gmrl: error: out of memory; give smaller sizes (fewer seeds, MDPs, repeats or "
+             "episodes)")
         sys.exit(2)
     except OSError as err:
         if err.errno not in _DISK_ERRORS:
             raise
         where = f" {err.filename}" if err.filename else ""
-        click.echo(f"gmrl: error: cannot write{where}: {err.strerror}; free space or give an "
-                   "output folder you can write to (completed files are left whole)", err=True)
+        _say(f"gmrl: error: cannot write{where}: {err.strerror}; free space or give an "
+             "output folder you can write to (completed files are left whole)")
         sys.exit(2)

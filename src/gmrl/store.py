@@ -117,6 +117,11 @@ class ResultStore:
         except (sqlite3.Error, OSError) as err:
             if hasattr(self, "_conn"):
                 self._conn.close()
+            text = str(err).lower()
+            if isinstance(err, OSError) or any(w in text for w in ("full", "readonly", "read-only",
+                                                                    "unable to open", "disk i/o")):
+                raise InputError(f"cannot write the result store {self.path}: {err}; free space or "
+                                 "give a folder you can write to") from None
             raise InputError(f"cannot open result store {self.path}: {err} (expected a gmrl "
                              "SQLite result store, or a path where one can be created)") from None
         if foreign:

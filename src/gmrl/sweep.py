@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -134,8 +133,8 @@ def run_sweep(points: Sequence[dict[str, Any]], point_fn: PointFn | None, store:
     one after another in this process; "ray" makes each group a Ray task (ray.init(address) when an
     address is given, else a local Ray with os.cpu_count() CPUs; ray_init_kwargs are passed on,
     e.g. _temp_dir) and stores results here, in the driver, as tasks finish.
-    On SIGINT, stored rows are kept and SweepInterrupted (a KeyboardInterrupt) is raised, after
-    one line on stderr saying how to resume. Returns a SweepSummary.
+    On SIGINT, stored rows are kept and SweepInterrupted (a KeyboardInterrupt) is raised; its
+    message says how to resume (`gmrl` prints it as one line). Returns a SweepSummary.
     """
     require(backend in BACKENDS, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     require(address is None or backend == "ray", "an address applies only to backend 'ray'")
@@ -161,9 +160,7 @@ def run_sweep(points: Sequence[dict[str, Any]], point_fn: PointFn | None, store:
     except KeyboardInterrupt:
         bar.close()
         summary.seconds = time.perf_counter() - start
-        interrupted = SweepInterrupted(summary, store.path)
-        print(f"gmrl: {interrupted}", file=sys.stderr, flush=True)
-        raise interrupted from None
+        raise SweepInterrupted(summary, store.path) from None  # the CLI prints its one line
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary

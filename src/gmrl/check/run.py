@@ -11,10 +11,13 @@ MDP, look j testing at α/(j(j+1))) as long as the next look fits in the time bu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import os
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -130,7 +133,72 @@ def _user_location(fn: Callable, err: BaseException) -> str:
     return f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
 
 
+_USER = {"active": False, "timeout": None, "sigint": False}
+"""State of `user_code`: whether it is active, the per-call timeout, whether a real Ctrl-C came."""
+
+
+class _Timeout(BaseException):
+    """Raised by SIGALRM inside user code (a BaseException: `except Exception` cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def user_code(timeout: float | None = None):
+    """Run user code in the block under guards (what `gmrl check` does): each call of the user's
+    function (`call_user`) is stopped after `timeout` seconds (SIGALRM; main thread only), and a
+    real Ctrl-C is told apart from a KeyboardInterrupt the user's code raises itself."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+
+    def on_sigint(signum, frame):
+        _USER["sigint"] = True
+        raise KeyboardInterrupt
+
+    if main:
+        signal.signal(signal.SIGINT, on_sigint)
+    _USER.update(active=True, timeout=timeout, sigint=False)
+    try:
+        yield
+    finally:
+        _USER.update(active=False, timeout=None, sigint=False)
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def call_user(call: Callable[[], Any], describe: str, calls: int = 1) -> Any:
+    """call() under `user_code`'s guards: SystemExit, a KeyboardInterrupt that is no Ctrl-C and
+    a call longer than `calls` × the timeout become one InputError naming `describe`."""
+    timeout = _USER["timeout"] if _USER["active"] else None
+    alarm = timeout is not None and threading.current_thread() is threading.main_thread()
+    if alarm:
+        def on_alarm(signum, frame):
+            raise _Timeout
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout * calls)
+    try:
+        return call()
+    except _Timeout:
+        raise InputError(f"{describe} ran longer than {timeout * calls:g} s (--timeout {timeout:g} "
+                         "s per call); make it faster or give a larger --timeout") from None
+    except SystemExit as err:
+        raise InputError(f"{describe} called sys.exit({err.code!r}); return an array (or raise an "
+                         "exception) instead") from None
+    except KeyboardInterrupt:
+        if _USER["sigint"] or not _USER["active"]:
+            raise
+        raise InputError(f"{describe} raised KeyboardInterrupt (no Ctrl-C was pressed)") from None
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
 def _call(fn: Callable, task, rng, where: str):
+    name = getattr(fn, "__name__", "function")
+    return call_user(lambda: _call_checked(fn, task, rng, where), f"your function {name}{where}")
+
+
+def _call_checked(fn: Callable, task, rng, where: str):
     name = getattr(fn, "__name__", "function")
     try:
         return fn(task, rng)
@@ -152,13 +220,24 @@ def _numpy(value: Any) -> Any:
     return value
 
 
+def _real_array(value: Any, name: str, where: str, expected: str, shape) -> np.ndarray:
+    """float64 array of `value`, or InputError for None, complex, object or ragged values."""
+    wrong = f"not an array of real numbers of shape {expected} = {shape}"
+    require(value is not None, f"{name}{where} returned None, {wrong} (a missing return?)")
+    try:
+        array = np.asarray(_numpy(value))
+    except (TypeError, ValueError):
+        raise InputError(f"{name}{where} returned {type(value).__name__}, {wrong}") from None
+    require(array.dtype.kind != "c", f"{name}{where} returned complex numbers (dtype "
+                                     f"{array.dtype}); a meta-gradient is real")
+    require(array.dtype.kind in "biuf", f"{name}{where} returned an array of dtype {array.dtype}, "
+                                        f"{wrong}")
+    return array.astype(np.float64)
+
+
 def _as_estimate(value: Any, shape: tuple[int, ...], name: str, where: str,
                  expected: str = "[S, A]") -> np.ndarray:
-    try:
-        array = np.asarray(_numpy(value), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}{where} returned {type(value).__name__}, not an array of numbers "
-                         f"of shape {expected} = {shape}") from None
+    array = _real_array(value, name, where, expected, shape)
     require(array.shape == shape,
             f"{name}{where} returned shape {array.shape}; expected {expected} = {shape}")
     require(bool(np.all(np.isfinite(array))), f"{name}{where} returned NaN or infinity")
@@ -236,8 +315,29 @@ def jax_estimates(fn, task_of, items, count: int, shape: tuple[int, ...], repeat
     keys = jax.random.split(jax.random.key(seed + 1), (count, repeats))
     where = " (vmapped over repeats and items)"
     started = time.perf_counter()
+    out = call_user(lambda: _run_batched(batched, keys, items, fn, where),
+                    f"your function {name}{where}", count * repeats)
+    first_seconds = time.perf_counter() - started
+    out = _real_array(out, name, where, expected, shape)
+    require(out.shape == (count, repeats) + shape,
+            f"{name}{where} returned shape {out.shape[2:]}; expected {expected} = {shape}")
+    require(bool(np.all(np.isfinite(out))), f"{name}{where} returned NaN or infinity")
+    notes = []
+    if traced.sizes != probe.sizes:
+        notes.append(f"traced sample sizes {traced.sizes} differ from the eager run's {probe.sizes}")
+    # the steady-state cost per estimate: a second, compiled call
+    started = time.perf_counter()
+    keys = jax.random.split(jax.random.key(seed + 2), (count, repeats))
+    call_user(lambda: _run_batched(batched, keys, items, fn, where), f"your function {name}{where}",
+              count * repeats)
+    steady = time.perf_counter() - started
+    return out, probe, notes, first_seconds, steady
+
+
+def _run_batched(batched, keys, items, fn, where: str):
+    name = getattr(fn, "__name__", "function")
     try:
-        out = batched(keys, items).block_until_ready()
+        return batched(keys, items).block_until_ready()
     except SampleError as err:
         raise InputError(f"{name}{where}: {err}") from None
     except InputError:
@@ -247,19 +347,6 @@ def jax_estimates(fn, task_of, items, count: int, shape: tuple[int, ...], repeat
         raise InputError(f"your function {name} raised {type(err).__name__}"
                          f"{': ' + message if message else ''}{_user_location(fn, err)}{where}; "
                          "a function marked as JAX must be traceable (jit/vmap)") from None
-    first_seconds = time.perf_counter() - started
-    out = np.asarray(out, np.float64)
-    require(out.shape == (count, repeats) + shape,
-            f"{name}{where} returned shape {out.shape[2:]}; expected {expected} = {shape}")
-    require(bool(np.all(np.isfinite(out))), f"{name}{where} returned NaN or infinity")
-    notes = []
-    if traced.sizes != probe.sizes:
-        notes.append(f"traced sample sizes {traced.sizes} differ from the eager run's {probe.sizes}")
-    # the steady-state cost per estimate: a second, compiled call
-    started = time.perf_counter()
-    batched(jax.random.split(jax.random.key(seed + 2), (count, repeats)), items).block_until_ready()
-    steady = time.perf_counter() - started
-    return out, probe, notes, first_seconds, steady
 
 
 _CACHE: dict = {}
@@ -338,8 +425,6 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
     started = time.perf_counter()
     mdp_set, phis = _problem(seed, cfg, mdps, states, actions, gamma, mdp, theta0)
     count = phis.shape[0]
-    with enable_x64(True):
-        exact = np.asarray(mg.batched_exact(cfg, "dice")(mdp_set, phis))
     shape = phis.shape[1:]
     tasks = None if use_jax else [
         Task(np.asarray(mdp_set.P[m]), np.asarray(mdp_set.R[m]), float(mdp_set.gamma[m]),
@@ -361,6 +446,8 @@ def check(fn: Callable, problem: str = "maml", steps: int = 1, lr: float = 10.0,
 
     estimates, groups, notes, user_seconds, per_estimate = draw(repeats, seed)
     fixed = user_seconds if use_jax else 0.0  # a JAX look traces and compiles again
+    with enable_x64(True):  # after the user's function: its errors come at once
+        exact = np.asarray(mg.batched_exact(cfg, "dice")(mdp_set, phis))
     structure, structure_notes = cand.structure_from_calls(groups, steps)
     cand_started = time.perf_counter()
     variants = cand.variants(problem)

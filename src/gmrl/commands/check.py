@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 import gmrl
-import gmrl.check
 from gmrl import io
 from gmrl.errors import InputError, require
+from gmrl.limits import require_finite, require_seed, require_sizes
 
 
 def load_function(target: str):
@@ -27,7 +26,9 @@ def load_function(target: str):
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
-        spec.loader.exec_module(module)
+        from gmrl.check.run import call_user
+
+        call_user(lambda: spec.loader.exec_module(module), f"importing {path!r}")
     except InputError:
         raise
     except Exception as err:
@@ -46,7 +47,7 @@ def parse_theta0(text: str):
         return text
     require(text.endswith(".npy") and os.path.isfile(text),
             f"--theta0 must be zeros, normal or an existing .npy file with an [S, A] table, got {text!r}")
-    return np.load(text, allow_pickle=False)
+    return io.load_npy(text, "theta0", "--theta0")
 
 
 def parse_thetas(text: str):
@@ -56,7 +57,15 @@ def parse_thetas(text: str):
     require(text.endswith(".npy") and os.path.isfile(text),
             f"--thetas must be normal, zeros or an existing .npy file with a [2, 5] or [M, 2, 5] "
             f"array, got {text!r}")
-    return np.load(text, allow_pickle=False)
+    return io.load_npy(text, "thetas", "--thetas")
+
+
+def check_bytes(items: int, repeats: int, size: int, tables: int) -> float:
+    """Estimated bytes of a check: the float64 estimates [items, repeats, size] with their
+    statistics and the candidates' draws (~8 copies, candidate repeats max(1000, 20 R)), and per
+    item its tables (`tables` float64 values, ~10 copies for the exact oracle)."""
+    draws = repeats + max(1000, 20 * repeats)
+    return 8.0 * items * (8 * draws * size + 10 * tables)
 
 
 TABULAR_ONLY = ("problem", "steps", "mdps", "theta0", "budget")
@@ -99,8 +108,11 @@ IPD_ONLY = ("points", "thetas", "gamma")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write configuration, statistics and diagnosis (JSON).")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds one call of your function may take before the check stops with an "
+                   "error (the compiled JAX call over all repeats gets this times their number).")
 def check_command(target, game, problem, steps, lr, mdps, points, repeats, theta0, thetas, gamma,
-                  seed, horizon, use_jax, alpha, budget, progress, out):
+                  seed, horizon, use_jax, alpha, budget, progress, out, timeout):
     """Check FILE.py:FUNCTION, a meta-gradient fn(task, rng) -> [S, A] (or, with --game ipd, a LOLA
     gradient fn(game, rng) -> [2, 5]), against the exact one.
 
@@ -117,7 +129,45 @@ def check_command(target, game, problem, steps, lr, mdps, points, repeats, theta
     wrong = [f"--{name}" for name in other if given[name] is not None]
     require(not wrong, f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to "
             f"--game {game}")
-    require(out is None or out.suffix == ".json", f"--out must name a .json file, got {out}")
+    io.check_output_file(out, ".json")  # before the computation; nothing is created until the end
+    require_seed(seed)
+    for option, value in (("--lr", lr), ("--gamma", gamma), ("--alpha", alpha)):
+        require_finite(value, option)
+    require_finite(timeout, "--timeout", positive=True)
+    require(budget is None or (budget >= 0 and budget == budget and budget != float("inf")),
+            f"--budget must be a number of seconds >= 0, got {budget}")
+    require(repeats >= 3, f"--repeats must be >= 3 (bias2 needs 3), got {repeats}")
+    require(horizon >= 1, f"--horizon must be >= 1, got {horizon}")
+    if game == "ipd":
+        count = 8 if points is None else points
+        require(count >= 1, f"--points must be >= 1, got {count}")
+        require_sizes({"--points": (count, 8), "--repeats": (repeats, 50)},
+                      lambda v: check_bytes(v["--points"], v["--repeats"], 10, 10 * horizon))
+    else:
+        count = 10 if mdps is None else mdps
+        require(count >= 1, f"--mdps must be >= 1, got {count}")
+        require_sizes({"--mdps": (count, 10), "--repeats": (repeats, 50)},
+                      lambda v: check_bytes(v["--mdps"], v["--repeats"], 100, 20 * 5 * 21))
+    from gmrl.check.run import user_code  # JAX starts here, after the options passed
+
+    with user_code(timeout):
+        result, head = _run(target, game, problem, steps, lr, mdps, points, repeats, theta0,
+                            thetas, gamma, seed, horizon, use_jax, alpha, progress, budget)
+    seconds = result.seconds
+    click.echo(head)
+    click.echo(f"{seconds['per_estimate'] * 1e3:.2f} ms per estimate; candidates "
+               f"{seconds['candidates']:.1f} s; total {seconds['total']:.1f} s")
+    click.echo(result.report())
+    if out is not None:
+        io.atomic_write_json(out, {"gmrl_version": gmrl.__version__, **result.to_json()}, {})
+        click.echo(f"wrote {out}")
+
+
+def _run(target, game, problem, steps, lr, mdps, points, repeats, theta0, thetas, gamma, seed,
+         horizon, use_jax, alpha, progress, budget):
+    """(CheckResult, its heading line) of `gmrl check` after the options passed."""
+    import gmrl.check
+
     if game == "ipd":
         from gmrl.check import lola
 
@@ -145,14 +195,7 @@ def check_command(target, game, problem, steps, lr, mdps, points, repeats, theta
                 f"{result.config['mdps']} MDPs × {result.config['repeats']} repeats "
                 f"({result.config['path']} path); "
                 f"sample calls {result.calls}")
-    seconds = result.seconds
-    click.echo(head)
-    click.echo(f"{seconds['per_estimate'] * 1e3:.2f} ms per estimate; candidates "
-               f"{seconds['candidates']:.1f} s; total {seconds['total']:.1f} s")
-    click.echo(result.report())
-    if out is not None:
-        io.atomic_write_json(out, {"gmrl_version": gmrl.__version__, **result.to_json()})
-        click.echo(f"wrote {out}")
+    return result, head
 
 
 def register(cli, study) -> None:

@@ -9,6 +9,7 @@ re-running the same command continues it from the checkpoint.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -79,6 +80,7 @@ def mgrl_command(env, algo, preset, frames, seeds, seed, out, inner_steps, meta_
     from gmrl.store import config_key
 
     check_env(env)
+    check_numbers(seeds, seed, frames, {"--lr": lr, "--meta-lr": meta_lr, "--outer-kl": outer_kl})
     overrides = {"learning_rate": lr, "preset": preset}
     if algo != "a2c":
         overrides.update(inner_steps=inner_steps,
@@ -91,15 +93,46 @@ def mgrl_command(env, algo, preset, frames, seeds, seed, out, inner_steps, meta_
                 f"--resume: {out} holds no run with these settings to continue; run without "
                 "--resume to start one")
     mgrl_runs.algorithm_of(point)  # an environment that will not build: fail before writing
-    runs.claim_folder(out, point, "MGRL run")
-    (result,) = mgrl_runs.run([point], out, run_dir=out, progress=progress,
-                              tensorboard=tensorboard)
-    summary = result["summary"]
-    atomic_write_json(out / "summary.json", summary)
+    with runs.folder_run(out):
+        runs.claim_folder(out, point, "MGRL run")
+        (result,) = mgrl_runs.run([point], out, run_dir=out, progress=progress,
+                                  tensorboard=tensorboard)
+        summary = result["summary"]
+        atomic_write_json(out / "summary.json", summary, NULL_REASONS)
     returns = summary["final_return_per_seed"]
-    click.echo(f"{algo} on {env}: final return {sum(returns) / len(returns):.2f} (per seed "
-               f"{', '.join(f'{r:.1f}' for r in returns)}), median {summary['median_fps']:.0f} "
-               f"frames/s; logs in {out}")
+    finished = [r for r in returns if math.isfinite(r)]
+    final = (f"final return {sum(finished) / len(finished):.2f} (per seed "
+             f"{', '.join(f'{r:.1f}' for r in returns)})" if finished else
+             "no episode finished in the last log points (no final return; train for more "
+             "--frames)")
+    click.echo(f"{algo} on {env}: {final}, median {summary['median_fps']:.0f} frames/s; logs in "
+               f"{out}")
+
+
+NULL_REASONS = {
+    "final_return_per_seed": "no episode of this seed finished in the last log points",
+    "final_entropy_per_seed": "no entropy logged",
+}
+"""Why a summary.json field of an MGRL run can be null (NaN in the numbers)."""
+
+
+PER_SEED_BYTES = 4 * (32 * 200_000 + 16 * 64 * 5 * 4 * 512)
+"""Estimated bytes one seed of a run allocates: ~32 float32 copies of a ~200k-parameter network
+(parameters, optimiser and meta-optimiser states, the K inner steps' parameters and their
+derivatives) and ~16 float32 values per observation element of the 64 envs × 5 steps rollout
+for each of K + 1 = 4 rollouts (MinAtar: 10 × 10 × ≤ 10 channels, padded to 512)."""
+
+
+def check_numbers(seeds: int, seed: int, frames: int, rates: dict[str, float | None]) -> None:
+    """Seed range, frames within int64, seeds that fit in memory, finite non-negative rates."""
+    from gmrl.limits import require_finite, require_int64, require_memory, require_seed
+
+    require_seed(seed)
+    require_int64(frames, "--frames")
+    for option, value in rates.items():
+        require_finite(value, option, nonnegative=True)
+    if seeds >= 1:
+        require_memory("--seeds", seeds, lambda n: n * PER_SEED_BYTES)
 
 
 def _stored(out: Path, key: str) -> bool:
@@ -136,13 +169,19 @@ def mgrl_study(out, quick, games, frames, seeds, lr, preset, backend, address, p
     SpaceInvaders-MinAtar 5M frames; curves of return, entropy and the four meta-parameters; the
     bias diagnostic at three snapshots of every mgrl run; report.md with the LVC verdict.
     Resumable: re-running continues interrupted runs and skips finished ones."""
-    from gmrl.io import prepare_output_dir
+    from gmrl import runs
     from gmrl.runs import mgrl as mgrl_runs
 
     require(address is None or backend == "ray", "--address applies only to --backend ray")
     games = parse_names(games, ENVS, "game(s)")
+    check_numbers(seeds, 0, 1 if frames is None else frames, {"--lr": lr})
     bias_settings = None  # gmrl.algos.mgrl_bias.BiasSettings() defaults
     if quick:
+        context = click.get_current_context()
+        given = [f"--{n}" for n in ("games", "frames", "seeds")
+                 if context.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        require(not given, f"--quick sets the games, frames and seeds itself; leave out "
+                           f"{', '.join(given)} or drop --quick")
         from gmrl.algos.mgrl_bias import BiasSettings
 
         games, frames, seeds = ("Breakout-MinAtar",), 100_000, 2
@@ -150,10 +189,13 @@ def mgrl_study(out, quick, games, frames, seeds, lr, preset, backend, address, p
                                      bootstrap=500)
     overrides = {"preset": preset} if lr is None else {"preset": preset, "learning_rate": lr}
     mgrl_runs.study_points(games, frames, seeds, 1, overrides=overrides)  # bad settings: fail early
-    prepare_output_dir(out)
-    report = mgrl_runs.run_study(out, games, frames, seeds, log_points=50 if quick else 100,
-                                 overrides=overrides, bias_settings=bias_settings,
-                                 backend=backend, address=address, progress=progress)
+    settings = {"command": "study mgrl", "quick": quick, "frames": frames, "seeds": seeds,
+                "overrides": overrides}  # --games may grow: finished runs are reused
+    with runs.folder_run(out):
+        runs.claim_folder(out, settings, "MGRL study")
+        report = mgrl_runs.run_study(out, games, frames, seeds, log_points=50 if quick else 100,
+                                     overrides=overrides, bias_settings=bias_settings,
+                                     backend=backend, address=address, progress=progress)
     click.echo(report.read_text(encoding="utf-8"))
     click.echo(f"report: {report}")
 

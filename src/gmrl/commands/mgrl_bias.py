@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from gmrl.errors import require
+from gmrl.limits import require_finite, require_seed
 
 ESTIMATORS = ("mgrl", "mgrl-lvc")  # gmrl.algos.mgrl_bias.ESTIMATORS, without importing JAX
 
@@ -45,8 +46,6 @@ ESTIMATORS = ("mgrl", "mgrl-lvc")  # gmrl.algos.mgrl_bias.ESTIMATORS, without im
 def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multiplier, inner_steps,
                       inner_lr, estimators, seed_index, initial, snapshot, seed, bootstrap, out):
     """Bias of MGRL's meta-gradient at a saved run state: cosine, relative bias, z, SNR."""
-    from gmrl.io import atomic_write_json, atomic_write_text, prepare_output_dir
-
     names = tuple(n.strip() for n in estimators.split(",") if n.strip())
     unknown = [n for n in names if n not in ESTIMATORS]
     require(bool(names) and not unknown, f"unknown estimators {', '.join(unknown) or '(none given)'}"
@@ -57,31 +56,44 @@ def mgrl_bias_command(run_dir, repeats, ref_multiplier, ref_parts, dice_multipli
                                ("--bootstrap", bootstrap, 1)):
         require(value >= low, f"{option} must be >= {low}, got {value}")
     require(inner_steps is None or inner_steps >= 1, f"--inner-steps must be >= 1, got {inner_steps}")
-    require(inner_lr is None or inner_lr > 0, f"--inner-lr must be > 0, got {inner_lr}")
+    require_finite(inner_lr, "--inner-lr", positive=True)
+    require_seed(seed)
     require(Path(run_dir).is_dir(), f"RUN_DIR {run_dir} is not a folder; give a run folder written "
                                     "by `gmrl mgrl --out RUN_DIR`")
+    require(any((Path(run_dir) / name).is_file() for name in ("run.json", "config.json")),
+            f"{run_dir} holds no MGRL run (run.json or config.json of `gmrl mgrl --out`)")
     out = Path(run_dir) if out is None else out
-    prepare_output_dir(out)
+    require(not out.exists() or out.is_dir(), f"--out must be a folder, but {out} is an existing "
+                                              "file; give a new or existing folder")
 
     import jax
 
     from gmrl.algos import mgrl_bias
+    from gmrl.runs import folder_run
     from gmrl.runs import mgrl as mgrl_runs
 
     point, config, state = mgrl_runs.load_run_state(run_dir, seed_index, initial, snapshot)
     settings = mgrl_bias.BiasSettings(repeats, ref_multiplier, ref_parts, dice_multiplier, bootstrap)
-    result = mgrl_bias.diagnose(config, state, jax.random.key(seed), settings, names, inner_steps,
-                                inner_lr)
+    with folder_run(out):  # a run folder in training is refused; a failure leaves out as it was
+        result = mgrl_bias.diagnose(config, state, jax.random.key(seed), settings, names,
+                                    inner_steps, inner_lr)
+        _write(out, point, result, run_dir, seed_index, initial, snapshot, seed)
+    click.echo(f"bias.json and bias.md in {out}")
+
+
+def _write(out, point, result, run_dir, seed_index, initial, snapshot, seed) -> None:
+    from gmrl.algos import mgrl_bias
+    from gmrl.io import atomic_write_json, atomic_write_text
+
     where = ("initial state" if initial else "checkpoint" if snapshot is None
              else f"snapshot at {snapshot} frames")
     result["run"] = {"run_dir": str(run_dir), "algo": point["algo"], "env": point["env"],
                      "frames": point["frames"], "seed_index": seed_index,
                      "state": where, "draw_seed": seed}
     title = mgrl_bias.report_title(point["algo"], point["env"], where, seed_index)
-    atomic_write_json(out / "bias.json", result)
+    atomic_write_json(out / "bias.json", result, {})
     report = atomic_write_text(out / "bias.md", mgrl_bias.report_markdown(result, title))
     click.echo(report.read_text(encoding="utf-8"))
-    click.echo(f"bias.json and bias.md in {out}")
 
 
 def register(cli: click.Group, study: click.Group | None = None) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from gmrl.errors import require
+from gmrl.limits import require_seed
 from gmrl.studies import tabular as studies
 
 
@@ -16,6 +17,16 @@ def _theta0(text: str):
 
     value = parse_theta0(text, 20, 5)
     return value if isinstance(value, str) else value.tolist()
+
+
+def _estimators(text: str | None) -> list[str] | None:
+    """The --estimators comma list (None: the study's own axis); an empty list is an error."""
+    if text is None:
+        return None
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    require(bool(names), f"--estimators names no estimator (got {text!r}); give a comma list of "
+                         "estimator names, or leave it out for the study's own")
+    return names
 
 
 def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.Command:
@@ -44,17 +55,20 @@ def _study_command(name: str, names: tuple[str, ...], help_text: str) -> click.C
                   help="Testing: only the points of the first N compiled programs per study.")
     def command(quick, backend, address, out, oracle, theta0, estimators, seed, progress, mdps,
                 repeats, max_groups):
+        from gmrl.runs import folder_run
         from gmrl.studies.run import default_out, run_studies
 
         require(address is None or backend == "ray", "--address applies only to --backend ray")
+        require_seed(seed)
         overrides = {k: v for k, v in (("mdps", mdps), ("repeats", repeats)) if v is not None}
         if out is None:
             out = default_out(name, quick, oracle, seed, theta0)
-        summary, seconds, written = run_studies(
-            names, out, quick=quick, oracle=oracle, seed=seed, theta0=_theta0(theta0),
-            backend=backend, address=address, progress=progress, overrides=overrides,
-            max_groups=max_groups,
-            estimators=[e.strip() for e in estimators.split(",") if e.strip()] if estimators else None)
+        theta0 = _theta0(theta0)
+        with folder_run(out):  # the lock before anything is written; a failure leaves out as it was
+            summary, seconds, written = run_studies(
+                names, out, quick=quick, oracle=oracle, seed=seed, theta0=theta0,
+                backend=backend, address=address, progress=progress, overrides=overrides,
+                max_groups=max_groups, estimators=_estimators(estimators))
         click.echo(f"gmrl study {name}: {summary.computed} points computed, {summary.skipped} "
                    f"already stored, {seconds:.1f} s")
         for path in written:
@@ -84,11 +98,52 @@ def mgrl_tabular_study(quick, out, seed):
 @click.command(name="plot")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def plot(directory: Path) -> None:
-    """Redraw figures, results.csv and report.md from DIRECTORY/results.sqlite."""
+    """Redraw figures, results.csv and report.md from DIRECTORY/results.sqlite (a tabular or
+    LOLA study, a LOLA run; MGRL folders are redrawn by re-running their command)."""
+    from gmrl.io import folder_lock
     from gmrl.studies.run import write_outputs
 
-    for path in write_outputs(directory):
+    kind = _stored_kind(directory)
+    require(kind != "mgrl", f"{directory} holds MGRL runs: re-run the `gmrl mgrl` or `gmrl study "
+                            "mgrl` command that wrote it (finished runs are reused) to redraw its "
+                            "report and figures")
+    with folder_lock(directory, "DIR"):
+        written = _plot_lola(directory) if kind == "lola" else write_outputs(directory)
+    for path in written:
         click.echo(f"wrote {path}")
+
+
+def _stored_kind(directory: Path) -> str:
+    """'tabular', 'lola' or 'mgrl': what DIRECTORY/results.sqlite holds (InputError if none)."""
+    from gmrl.store import ResultStore
+
+    path = Path(directory) / "results.sqlite"
+    require(path.is_file(), f"no result store at {path}; give a folder written by `gmrl study`, "
+                            "`gmrl lola --out` or `gmrl mgrl --out`")
+    with ResultStore(path) as store:
+        kinds = {row.config.get("study") for row in store.rows()}
+    for kind in ("lola", "mgrl"):
+        if kind in kinds:
+            return kind
+    return "tabular"
+
+
+def _plot_lola(directory: Path) -> list[Path]:
+    """A LOLA study's (`gmrl study lola`) or run's (`gmrl lola`) files from its store."""
+    from gmrl.runs import lola as lola_runs
+    from gmrl.store import ResultStore
+
+    with ResultStore(Path(directory) / "results.sqlite") as store:
+        rows = [r for r in store.rows() if r.config.get("study") == "lola"]
+    single = len(rows) == 1 and rows[0].config.get("variant") == "lola"
+    if single:
+        return lola_runs.write_run_files(directory, "lola", rows[0].result)
+    from gmrl.algos.lola import REFERENCE_VARIANTS
+
+    order = list(REFERENCE_VARIANTS)
+    rows.sort(key=lambda r: (order.index(r.config["variant"]) if r.config["variant"] in order
+                             else len(order), r.config["variant"]))
+    return lola_runs.write_study(directory, [r.config for r in rows], [r.result for r in rows])
 
 
 def register(cli, study) -> None:

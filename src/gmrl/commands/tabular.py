@@ -12,9 +12,11 @@ import numpy as np
 import gmrl
 from gmrl import io
 from gmrl import metagrad as mg
+from gmrl.commands.table import format_table
 from gmrl.envs import tabular
 from gmrl.errors import require
 from gmrl.evaluate import evaluate, problem_set
+from gmrl.limits import require_finite, require_seed, require_sizes
 
 
 def parse_theta0(text: str, num_states: int, num_actions: int):
@@ -26,30 +28,16 @@ def parse_theta0(text: str, num_states: int, num_actions: int):
     return tabular.load_theta(text, num_states, num_actions)
 
 
-def format_table(summary: dict) -> str:
-    """One row per MDP and a pooled row: corr, std_sum, mse_of_mean, bias2 ± 95% half-width (t
-    interval, `gmrl.stats.bias2`), relative bias ‖E ĝ − g*‖/‖g*‖ [95% CI]; then how many MDPs are
-    individually significant."""
-    per = summary["per_mdp"]
-    header = (f"{'mdp':>6} {'corr':>8} {'std_sum':>10} {'mse_of_mean':>12} {'bias2 ± 95% CI':>26} "
-              f"{'rel. bias [95% CI]':>24}")
-    lines = [header, "-" * len(header)]
+def run_bytes(cfg, mdps: int, states: int, actions: int, repeats: int) -> float:
+    """Estimated bytes of a `gmrl tabular` run: per MDP the float64 tables P [S, A, S] and the
+    exact meta-gradient's S × S solves (~6 copies of P and 4 (K + 1) S × S matrices), the
+    [R, S, A] estimates with their statistics (3 copies), and the sampled episodes
+    (`gmrl.metagrad.estimate_bytes`)."""
+    per_mdp = 8.0 * (6 * states * actions * states + 4 * states * states * (cfg.steps + 1)
+                     + 3 * repeats * states * actions)
+    return mdps * per_mdp + float(mg.estimate_bytes(cfg, mdps * repeats))
 
-    def row(name, corr, std, mse, b2, low, high, rel, rel_low, rel_high):
-        return (f"{name:>6} {corr:>8.4f} {std:>10.4g} {mse:>12.4g} {b2:>13.4g} ± {(high - low) / 2:<10.3g} "
-                f"{rel:>7.3g} [{rel_low:.2g}, {rel_high:.2g}]")
 
-    for m in range(len(per["corr"])):
-        lines.append(row(m, *(per[k][m] for k in ("corr", "std_sum", "mse_of_mean", "bias2", "bias2_ci_low",
-                                                   "bias2_ci_high", "rel_bias", "rel_bias_ci_low",
-                                                   "rel_bias_ci_high"))))
-    lines.append("-" * len(header))
-    lines.append(row("all", *(summary[k] for k in ("corr", "std_sum", "mse_of_mean", "bias2", "bias2_ci_low",
-                                                   "bias2_ci_high", "rel_bias", "rel_bias_ci_low",
-                                                   "rel_bias_ci_high"))))
-    lines.append(f"{summary['significant_mdps']} of {summary['num_mdps']} MDP(s) with bias2 significantly "
-                 "above 0 (95% CI)")
-    return "\n".join(lines)
 
 
 @click.command()
@@ -95,6 +83,9 @@ def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, act
                     seed, mdp_file, inner, hessian, outer, oracle, loaded_lambda, critic_gradient, theta0,
                     out, gamma0=None, lambda0=None, critic_lr=None):
     """Exact vs decomposed meta-gradient estimates on tabular MDPs (docs/design.md)."""
+    for option, value in (("--lr", lr), ("--gamma", gamma), ("--noise", noise),
+                          ("--loaded-lambda", loaded_lambda)):
+        require_finite(value, option)
     if problem == "mgrl":
         from gmrl.commands.tabular_mgrl import run_mgrl
 
@@ -110,15 +101,19 @@ def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, act
         outer=mg.Source.parse(outer), oracle=oracle, loaded_lambda=loaded_lambda,
         critic_gradient=critic_gradient)
     require(repeats >= 3, f"--repeats must be >= 3 (bias2 needs 3), got {repeats}")
-    require(out is None or out.suffix == ".json", f"--out must name a .json file, got {out}")
-    if out is not None:  # before any computation: a folder we can write the file into
-        require(not out.is_dir(), f"--out {out} is a folder; give a FILE.json path")
-        io.prepare_output_dir(out.parent, "--out's folder")
+    require_seed(seed)
+    require_finite(gamma, "--gamma")
+    io.check_output_file(out, ".json")  # before any computation; nothing is created until the end
     user_mdp = tabular.load_mdp(mdp_file) if mdp_file is not None else None
     if user_mdp is None:
         require(mdps >= 1, f"--mdps must be >= 1, got {mdps}")
         require(states >= 1 and actions >= 1, f"--states and --actions must be >= 1, got {states}, {actions}")
     shape = (states, actions) if user_mdp is None else user_mdp.R.shape
+    sizes = {"--repeats": (repeats, 20)} | ({"--mdps": (mdps, 10), "--states": (states, 20),
+                                             "--actions": (actions, 5)} if user_mdp is None else {})
+    fixed = {"--mdps": 1 if user_mdp is not None else mdps, "--states": shape[0],
+             "--actions": shape[1]}
+    require_sizes(sizes, lambda v: run_bytes(cfg, **{k[2:]: n for k, n in (fixed | v).items()}))
     theta0_value = parse_theta0(theta0, *shape)
     mdp_set, phis = problem_set(seed, cfg, mdps, states, actions, gamma, user_mdp, theta0_value)
     started = time.perf_counter()
@@ -135,7 +130,7 @@ def tabular_command(problem, steps, lr, gamma, horizon, noise, mdps, states, act
             "num_mdps": summary["num_mdps"], "mdp_file": None if mdp_file is None else str(mdp_file),
             "theta0": theta0 if isinstance(theta0_value, str) else {"file": theta0,
                                                                     "table": theta0_value.tolist()}}
-        io.atomic_write_json(out, {
+        io.atomic_write_json(out, null_reasons={}, data={
             "gmrl_version": gmrl.__version__, "config": config,
             "summary": {k: v for k, v in summary.items() if k != "per_mdp"},
             "per_mdp": summary["per_mdp"], "exact_meta_gradient": result["exact"],

@@ -23,7 +23,7 @@ from gmrl.evaluate import evaluate, problem_set
 def run_mgrl(*, steps, lr, gamma, horizon, noise, mdps, states, actions, repeats, seed, mdp_file, inner,
              hessian, outer, oracle, loaded_lambda, theta0, gamma0, lambda0, critic_lr, out) -> None:
     """The mgrl branch of `gmrl tabular` (same table and JSON; the meta-gradient is a 2-vector in η)."""
-    from gmrl.commands.tabular import format_table
+    from gmrl.commands.table import format_table
 
     require(theta0 == "zeros", "--theta0 applies to maml only; mgrl's learner starts at x = 0, v = 0")
     require(loaded_lambda == 1.0, "--loaded-lambda applies to maml/lirpg only; mgrl's loaded box is causal")

@@ -78,6 +78,11 @@ def _check_gamma(gamma) -> None:
             f"the discount gamma must be in [0, 1), got {gamma}")
 
 
+REWARD_LIMIT = 1e150
+"""Largest |R| accepted: bias2 and variances square quantities proportional to R, and float64
+overflows at about (1.8e308)^½ ≈ 1.3e154."""
+
+
 def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     """Validate user arrays (P [S, A, S'], R [S, A]) and build a TabularMDP of float64 numpy arrays.
 
@@ -85,10 +90,12 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     gamma outside [0, 1), start state out of range.
     """
     try:
-        P = np.asarray(P, dtype=np.float64)
-        R = np.asarray(R, dtype=np.float64)
+        P, R = np.asarray(P), np.asarray(R)
     except (TypeError, ValueError):
         raise InputError("P and R must be numeric arrays (P [S, A, S], R [S, A])") from None
+    for name, value in (("P", P), ("R", R)):  # complex or object arrays: no silent truncation
+        require(value.dtype.kind in "biuf", f"{name} must hold real numbers, got dtype {value.dtype}")
+    P, R = P.astype(np.float64), R.astype(np.float64)
     require(P.ndim == 3 and P.shape[0] == P.shape[2],
             f"P must have shape [S, A, S] (states, actions, next states), got {P.shape}")
     require(R.shape == P.shape[:2],
@@ -96,6 +103,9 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
     require(P.shape[0] >= 1 and P.shape[1] >= 1, f"P must have S >= 1 and A >= 1, got {P.shape}")
     require(bool(np.all(np.isfinite(P))), "P contains NaN or infinity")
     require(bool(np.all(np.isfinite(R))), "R contains NaN or infinity")
+    scale = float(np.abs(R).max(initial=0.0))
+    require(scale <= REWARD_LIMIT, f"R reaches |R| = {scale:.3g}: the statistics square meta-gradients "
+            f"that scale with R, which overflows float64 beyond |R| ≈ {REWARD_LIMIT:.0e}; rescale R")
     require(bool(np.all(P >= 0)), "P has negative entries; transition probabilities must be >= 0")
     row_error = np.abs(P.sum(-1) - 1.0).max()
     require(row_error < 1e-6,
@@ -110,20 +120,24 @@ def make_mdp(P, R, gamma: float = 0.8, init_state: int = 0) -> TabularMDP:
 
 def load_mdp(path: str | os.PathLike) -> TabularMDP:
     """Load an MDP from `.npz` with keys P, R, gamma and optional init_state (default 0)."""
-    import zipfile
-
     name = os.fspath(path)
     require(os.path.isfile(path), f"MDP file {name!r} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    require(magic == b"PK\x03\x04", f"MDP file {name!r} is not an .npz archive (np.savez of P, R "
+                                     "and gamma)" + ("; it is empty" if not magic else ""))
+    from gmrl.io import load_errors
+
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except load_errors() as err:
         raise InputError(f"cannot read MDP file {name!r} as .npz: {err}") from None
     require(isinstance(data, np.lib.npyio.NpzFile),
             f"MDP file {name!r} is not an .npz archive (np.savez) of P, R and gamma")
     try:
         with data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except load_errors() as err:
         raise InputError(f"cannot read MDP file {name!r} as .npz: {err}") from None
     missing = [k for k in ("P", "R", "gamma") if k not in arrays]
     require(not missing, f"MDP file {name!r} lacks key(s) {missing}; "
@@ -140,10 +154,13 @@ def load_theta(path: str | os.PathLike, num_states: int, num_actions: int) -> np
     """Load a policy-logit table θ0 [S, A] from `.npy` (float64), validated: shape and finite."""
     name = os.fspath(path)
     require(os.path.isfile(path), f"theta0 file {name!r} does not exist")
+    from gmrl.io import load_errors
+
     try:
         theta = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read theta0 file {name!r} as .npy: {err}") from None
+    except load_errors() as err:
+        raise InputError(f"cannot read theta0 file {name!r} as .npy: {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}") from None
     require(isinstance(theta, np.ndarray) and theta.dtype.kind in "biuf",
             f"theta0 file {name!r} must hold one numeric .npy array [S, A]")
     require(theta.shape == (num_states, num_actions),

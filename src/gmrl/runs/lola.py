@@ -342,12 +342,22 @@ def curve_rows(variant: str, summary: Mapping[str, Any]) -> list[dict[str, Any]]
             for u in range(len(curves["joint_score"]))]
 
 
+NULL_REASONS = {
+    "replay_ess": "no replay: every part of this variant is on-policy or exact",
+    "replay_ess_first_update": "no replay: every part of this variant is on-policy or exact",
+    "replay_max_log_weight": "no replay: every part of this variant is on-policy or exact",
+    "mean_corr_hw": "one seed: no confidence interval",
+    "final_joint_score_hw": "one seed: no confidence interval",
+}
+"""Why a summary.json field of a LOLA run can be null (NaN in the numbers)."""
+
+
 def write_run_files(out: Path, variant: str, result: Mapping[str, Any]) -> list[Path]:
     """OUT/per_seed.csv, curves.csv and summary.json (without the per-seed arrays) of one run."""
     summary = {k: v for k, v in result.items() if k != "per_seed"}
     return [io.atomic_write_csv(out / "per_seed.csv", per_seed_rows(result["per_seed"])),
             io.atomic_write_csv(out / "curves.csv", curve_rows(variant, summary)),
-            io.atomic_write_json(out / "summary.json", summary)]
+            io.atomic_write_json(out / "summary.json", summary, NULL_REASONS)]
 
 
 def _welch(a: Mapping[str, Any], b: Mapping[str, Any], field: str) -> dict[str, float]:

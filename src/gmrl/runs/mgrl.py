@@ -187,12 +187,11 @@ def train(config: Mapping[str, Any], run_dir: Path, *, progress: bool = True,
             bar.set_postfix(ret=f"{np.mean(finished):.1f}" if finished else "-", fps=f"{fps:.0f}")
     except KeyboardInterrupt:
         bar.close()
-        import sys
+        from gmrl.errors import Interrupted
 
-        print(f"gmrl: {config['algo']} on {config['env']} interrupted after "
-              f"{steps_done * frames_per_step} frames per seed; {run_dir / PROGRESS} and the "
-              "checkpoint are complete up to there", file=sys.stderr, flush=True)
-        raise
+        raise Interrupted(f"{config['algo']} on {config['env']} interrupted after "
+                          f"{steps_done * frames_per_step} frames per seed; {run_dir / PROGRESS} "
+                          "and the checkpoint are complete up to there") from None
     finally:
         if board is not None:
             board.close()

@@ -36,7 +36,6 @@ from gmrl.io import atomic_write_json, atomic_write_text, prepare_output_dir
 ESTIMATORS = ("maml", "lvc", "loaded")
 CODES = ("ele", "lee", "lll")
 ARMS = ("fixed", "exact", "maml", "lvc", "loaded")
-PAIRS = (("lvc", "maml"), ("loaded", "maml"), ("exact", "maml"), ("maml", "fixed"), ("exact", "fixed"))
 
 
 def settings(quick: bool, seed: int) -> dict[str, Any]:

@@ -9,6 +9,9 @@ import numpy as np
 from gmrl import stats
 from gmrl.io import atomic_savefig
 
+PAIRS = (("lvc", "maml"), ("loaded", "maml"), ("exact", "maml"), ("maml", "fixed"), ("exact", "fixed"))
+"""The closed-loop comparisons (first arm minus second), paired by MDP and seed."""
+
 Z95 = stats.Z95
 
 
@@ -152,7 +155,6 @@ def _arms(loop):
 
 
 def _pairs(loop):
-    from gmrl.studies.mgrl_tabular import PAIRS
 
     return [p for p in PAIRS if p[0] in loop and p[1] in loop]
 
