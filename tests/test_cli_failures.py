@@ -49,7 +49,7 @@ def _mdp_files(tmp_path):
             "npy": (npy, "not an .npz archive"),
             "two gammas": (two_gammas, "gamma in"),
             "text gamma": (text_gamma, "gamma in"),
-            "text P": (text_p, "P and R must be numeric")}
+            "text P": (text_p, "P must hold real numbers")}
 
 
 @pytest.mark.parametrize("case", ["truncated", "npy", "two gammas", "text gamma", "text P"])
