@@ -199,17 +199,14 @@ def _call(fn: Callable, task, rng, where: str):
 
 
 def _call_checked(fn: Callable, task, rng, where: str):
-    name = getattr(fn, "__name__", "function")
     try:
         return fn(task, rng)
     except SampleError as err:
-        raise InputError(f"{name}{where}: {err}") from None
+        raise _user_error(fn, err, where) from None
     except InputError:
         raise
     except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(f"your function {name} raised {type(err).__name__}"
-                         f"{': ' + message if message else ''}{_user_location(fn, err)}{where}") from None
+        raise _user_error(fn, err, where) from None
 
 
 def _numpy(value: Any) -> Any:
@@ -334,19 +331,26 @@ def jax_estimates(fn, task_of, items, count: int, shape: tuple[int, ...], repeat
     return out, probe, notes, first_seconds, steady
 
 
-def _run_batched(batched, keys, items, fn, where: str):
+def _user_error(fn: Callable, err: Exception, where: str, hint: str = "") -> InputError:
+    """One line for an exception from the user's function: a misused `task.sample` (SampleError) as
+    its own message, anything else as 'your function NAME raised TYPE: first line (file:line)'."""
     name = getattr(fn, "__name__", "function")
+    if isinstance(err, SampleError):
+        return InputError(f"{name}{where}: {err}")
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return InputError(f"your function {name} raised {type(err).__name__}"
+                      f"{': ' + message if message else ''}{_user_location(fn, err)}{where}{hint}")
+
+
+def _run_batched(batched, keys, items, fn, where: str):
     try:
         return batched(keys, items).block_until_ready()
     except SampleError as err:
-        raise InputError(f"{name}{where}: {err}") from None
+        raise _user_error(fn, err, where) from None
     except InputError:
         raise
     except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(f"your function {name} raised {type(err).__name__}"
-                         f"{': ' + message if message else ''}{_user_location(fn, err)}{where}; "
-                         "a function marked as JAX must be traceable (jit/vmap)") from None
+        raise _user_error(fn, err, where, "; a function marked as JAX must be traceable (jit/vmap)") from None
 
 
 _CACHE: dict = {}
@@ -370,18 +374,7 @@ def _problem(seed, cfg, mdps, states, actions, gamma, mdp, theta0):
     if isinstance(theta0, str):
         require(theta0 in ("zeros", "normal"),
                 f"theta0 must be 'zeros', 'normal' or an [S, A] array, got {theta0!r}")
-    if "theta0" in inspect.signature(problem_set).parameters:
-        return problem_set(seed, cfg, mdps, states, actions, gamma, mdp, theta0=theta0)
-    mdp_set, phis = problem_set(seed, cfg, mdps, states, actions, gamma, mdp)
-    with jax.enable_x64(True):
-        if cfg.problem == "lirpg" or (isinstance(theta0, str) and theta0 == "zeros"):
-            phis = jnp.zeros_like(phis)
-        elif not isinstance(theta0, str):
-            table = np.asarray(theta0, np.float64)
-            require(table.shape == phis.shape[1:],
-                    f"theta0 must have shape [S, A] = {phis.shape[1:]}, got {table.shape}")
-            phis = jnp.broadcast_to(jnp.asarray(table), phis.shape)
-    return mdp_set, phis
+    return problem_set(seed, cfg, mdps, states, actions, gamma, mdp, theta0=theta0)
 
 
 BUDGET = 120.0
