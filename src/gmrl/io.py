@@ -40,7 +40,7 @@ def _atomic(path: str | os.PathLike) -> Iterator[tuple[Path, BinaryIO]]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except BaseException:
-        _rmdirs(created)
+        remove_empty_dirs(created)
         raise
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -51,11 +51,12 @@ def _atomic(path: str | os.PathLike) -> Iterator[tuple[Path, BinaryIO]]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        _rmdirs(created)
+        remove_empty_dirs(created)
         raise
 
 
-def _rmdirs(folders: list[Path]) -> None:
+def remove_empty_dirs(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) that this run created, stopping at one that is not empty."""
     for folder in folders:  # deepest first; stop at one that is not empty
         try:
             folder.rmdir()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gmrl.errors import Interrupted, require
-from gmrl.io import LOCK_NAME, atomic_write_json, folder_lock, prepare_output_dir
+from gmrl.io import LOCK_NAME, atomic_write_json, folder_lock, prepare_output_dir, remove_empty_dirs
 from gmrl.store import ResultStore, canonical_json, config_key
 
 STORE_NAME = "results.sqlite"
@@ -137,7 +137,7 @@ def folder_run(out: Path, option: str = "--out") -> Iterator[Path]:
         lock = folder_lock(out, option)
         lock.__enter__()
     except BaseException:
-        _remove_empty(created)
+        remove_empty_dirs(created)
         raise
     try:
         yield out
@@ -186,7 +186,7 @@ def _restore(out: Path, before: set[str], created: list[Path]) -> bool:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    _remove_empty(created)
+    remove_empty_dirs(created)
     return False
 
 
@@ -198,14 +198,6 @@ def _missing_ancestors(path: Path) -> list[Path]:
             break
         missing.append(candidate)
     return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first; a folder someone else has filled stays
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str:
